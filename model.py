@@ -1,0 +1,631 @@
+"""
+Qwen2 (DeepSeek-R1-Distill-Qwen-1.5B) written by hand: config, decoder, safetensors load/save in the
+Hugging Face layout, tokenizer and chat template.
+
+One forward serves every caller. Tokens are flattened to [N] with their positions [N], and an
+attention-metadata object says how they relate:
+  Varlen - packed independent sequences, causal inside each (training, prefill without a cache);
+  Paged  - new tokens of sequences whose keys/values live in a paged KV cache (the engine's decode,
+           and prefill/extend against cached prefixes). The new K/V rows are written into the cache
+           first, then each query attends to its sequence's cached context.
+The forward returns final hidden states [N, H]; logits (for a few rows) or per-token log-probs of
+given targets (via grpo.token_logprobs, never [N x vocab] at once) are computed from them.
+
+KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor per layer and per K/V,
+    k_cache[layer], v_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
+(flash-attn's paged layout), so a token in slot s lives at block s // block_size, row s % block_size.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional: used on CUDA when installed, never required
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError:
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    max_position_embeddings: int = 131072
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = 151646
+    eos_token_id: int | list | None = 151643
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        """Read a transformers config.json dict: the published style (rope_theta, torch_dtype) or the
+        newer one (rope_parameters, dtype). Anything we do not implement is refused by name."""
+        def refuse(field_name, why):
+            raise ConfigError(f"{source}: field '{field_name}' {why}; nanoscaler implements plain Qwen2 only")
+
+        arch = hf.get("architectures") or ["Qwen2ForCausalLM"]
+        if hf.get("model_type", "qwen2") != "qwen2":
+            refuse("model_type", f"is {hf.get('model_type')!r}, expected 'qwen2'")
+        if arch != ["Qwen2ForCausalLM"]:
+            refuse("architectures", f"is {arch!r}, expected ['Qwen2ForCausalLM']")
+        if hf.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", f"is {hf['hidden_act']!r}, expected 'silu'")
+        if hf.get("use_sliding_window", False):
+            refuse("use_sliding_window", "is true (sliding-window attention)")
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            refuse("layer_types", "asks for sliding-window layers")
+        if hf.get("rope_scaling"):
+            refuse("rope_scaling", f"is {hf['rope_scaling']!r} (rope scaling)")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            refuse("rope_parameters", f"has rope_type {rope['rope_type']!r} (rope scaling)")
+        if hf.get("attention_dropout", 0.0):
+            refuse("attention_dropout", "is non-zero")
+
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        for name in required:
+            if not isinstance(hf.get(name), int) or hf[name] <= 0:
+                raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {hf.get(name)!r}")
+        heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: field 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads})")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        if head_dim * heads != hf["hidden_size"]:
+            refuse("head_dim", f"is {head_dim}, but hidden_size / num_attention_heads = {hf['hidden_size'] / heads}")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            refuse("torch_dtype", f"is {dtype!r}")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 131072), rope_theta=float(theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), torch_dtype=dtype,
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str) -> "Config":
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf(hf, source=path)
+
+    def to_hf(self) -> dict:
+        """config.json in the published style, which every loader (transformers 4/5, vLLM, SGLang) reads."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.torch_dtype, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True,
+        }
+
+
+# -----------------------------------------------------------------------------
+# Attention metadata
+
+
+@dataclass
+class Varlen:
+    """Packed sequences, each causal on its own. seqlens is on the host (the caller built the batch,
+    so knowing it costs no sync); cu_seqlens [B+1] int32 is on the device."""
+    cu_seqlens: torch.Tensor
+    seqlens: list
+    max_seqlen: int
+
+    @classmethod
+    def from_seqlens(cls, seqlens, device=None):
+        seqlens = [int(n) for n in seqlens]
+        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+        if seqlens:
+            cu[1:] = torch.tensor(seqlens).cumsum(0)
+        return cls(cu.to(device), seqlens, max(seqlens, default=0))
+
+
+@dataclass
+class Paged:
+    """New tokens of B sequences whose context lives in the paged KV cache.
+
+    slot_mapping [N] int64: cache slot that receives each new token's K/V (block * block_size + row).
+    block_tables [B, max_blocks] int32: the blocks of each sequence, in order (unused entries: any valid id).
+    context_lens [B] int32: tokens of context of each sequence *including* its new tokens.
+    cu_seqlens_q [B+1] int32: where each sequence's new tokens start in the flattened batch.
+    max_seqlen_q: host int, most new tokens of any sequence (1 for decode).
+    All tensors keep fixed shapes for a given batch, so a decode step can be captured in a CUDA graph.
+    """
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+
+
+def rms_norm(x, weight, eps):
+    # statistics in float32, result in the input dtype (matches the reference implementation bit for bit)
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions, head_dim, theta, dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    # x [N, heads, head_dim]; "rotate half" convention (first half paired with second half)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# -----------------------------------------------------------------------------
+# Attention implementations. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]
+
+
+def varlen_attention_torch(q, k, v, meta: Varlen, scale):
+    """SDPA once per sequence. On CPU and GPU this beat one dense block-diagonal mask (O(N^2) memory)
+    and eager FlexAttention (see bench/model.py); the Python loop costs one launch per sequence."""
+    out = torch.empty_like(q)
+    start = 0
+    for n in meta.seqlens:
+        if n:
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                               is_causal=True, scale=scale, enable_gqa=True)
+            out[sl] = o.transpose(0, 1)
+        start += n
+    return out
+
+
+def write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping):
+    """Scatter new K/V rows [N, Hkv, D] into their cache slots (every slot must be valid: the engine
+    points padded rows of a captured batch at a scratch block)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_torch(q, k_cache, v_cache, meta: Paged, positions, scale):
+    """Reference paged attention: every query attends to the cached keys of its sequence up to its own
+    position. Queries are padded to [B, max_seqlen_q]; keys gathered to [B, max_blocks * block_size].
+    Sync-free (no .item(), no data-dependent shapes), so decode can be graph-captured."""
+    B, max_blocks = meta.block_tables.shape
+    block_size = k_cache.shape[1]
+    N, Hq, D = q.shape
+    # which sequence each new token belongs to, and its row in the padded query tensor
+    token = torch.arange(N, device=q.device)
+    seq = torch.searchsorted(meta.cu_seqlens_q[1:].to(torch.int64), token, right=True)
+    row = seq * meta.max_seqlen_q + (token - meta.cu_seqlens_q.to(torch.int64)[seq])
+    qp = q.new_zeros(B * meta.max_seqlen_q, Hq, D).index_copy_(0, row, q).view(B, meta.max_seqlen_q, Hq, D)
+    qpos = torch.full((B * meta.max_seqlen_q,), -1, dtype=torch.int64, device=q.device)
+    qpos = qpos.index_copy_(0, row, positions.to(torch.int64)).view(B, meta.max_seqlen_q)
+    blocks = meta.block_tables.to(torch.int64)
+    k = k_cache[blocks].flatten(1, 2)  # [B, T, Hkv, D] with T = max_blocks * block_size
+    v = v_cache[blocks].flatten(1, 2)
+    kpos = torch.arange(max_blocks * block_size, device=q.device)
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < meta.context_lens[:, None, None].to(torch.int64))
+    mask = mask | (qpos[:, :, None] < 0)  # padded query rows: attend anywhere, result discarded (avoids NaN)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                                       attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(B * meta.max_seqlen_q, Hq, D)[row]
+
+
+def use_flash_attn(x):
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+# Engines may swap these for Triton kernels (kernels/) behind the same signatures.
+ATTENTION = {"varlen": varlen_attention_torch, "paged": paged_attention_torch, "write_kv": write_kv_cache_torch}
+
+
+# -----------------------------------------------------------------------------
+# The decoder
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, positions, meta, kv_cache):
+        cfg, N = self.cfg, x.shape[0]
+        q = self.q_proj(x).view(N, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        if isinstance(meta, Varlen):
+            o = self.attend_varlen(q, k, v, meta, scale)
+            if kv_cache is not None:  # prefill that also fills the cache: needs slot_mapping, see Engine
+                raise ValueError("a Varlen batch does not write the KV cache; use Paged metadata")
+        else:
+            k_cache, v_cache = kv_cache
+            ATTENTION["write_kv"](k, v, k_cache, v_cache, meta.slot_mapping)
+            o = ATTENTION["paged"](q, k_cache, v_cache, meta, positions, scale)
+        return self.o_proj(o.reshape(N, -1))
+
+    def attend_varlen(self, q, k, v, meta, scale):
+        if use_flash_attn(q):
+            return flash_attn_varlen_func(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                                          meta.max_seqlen, softmax_scale=scale, causal=True)
+        return ATTENTION["varlen"](q, k, v, meta, scale)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Named like transformers' Qwen2Model so state_dict keys are the checkpoint's keys unchanged."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each layer in backward (activation checkpointing)
+        self.source_path = None  # checkpoint folder we were loaded from (tokenizer files come from there)
+
+    def forward(self, input_ids, positions=None, meta=None, kv_cache=None, *, targets=None,
+                temperature=1.0, return_entropy=False):
+        """input_ids [N] with positions [N] and meta (Varlen or Paged) -> hidden states [N, H];
+        with targets [N]: log-probs of the targets [N] (and entropies) computed inside the forward, so
+        the lm_head weight is whole here even under FSDP. kv_cache: (k_caches, v_caches), one per layer.
+        The plain call model(input_ids[B, T]) returns logits [B, T, vocab] (tests, small uses)."""
+        if input_ids.dim() == 2:
+            return self.plain_logits(input_ids)
+        h = self.hidden_states(input_ids, positions, meta, kv_cache)
+        if targets is None:
+            return h
+        from grpo import token_logprobs
+        return token_logprobs(h, self.lm_head.weight, targets, temperature=temperature, return_entropy=return_entropy)
+
+    def hidden_states(self, input_ids, positions, meta, kv_cache=None):
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, positions, meta, layer_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, meta, layer_cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        """Logits for a few rows (the engine's last positions); never call it on a whole training batch."""
+        return self.lm_head(hidden)
+
+    def plain_logits(self, input_ids):
+        B, T = input_ids.shape
+        meta = Varlen.from_seqlens([T] * B, input_ids.device)
+        positions = torch.arange(T, device=input_ids.device).repeat(B)
+        h = self.hidden_states(input_ids.reshape(-1), positions, meta)
+        return self.logits(h).view(B, T, -1)
+
+    def num_params(self):
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def init_weights(model: Qwen2, std=0.02, seed=0):
+    """Random weights (benchmarks, demos): normal linear/embedding weights, unit norms, zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors in the Hugging Face layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def expected_shapes(cfg: Config) -> dict:
+    with torch.device("meta"):
+        m = Qwen2(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def checkpoint_files(path: str) -> dict:
+    """{tensor name: file} from model.safetensors or a sharded model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+    if os.path.exists(single):
+        return {name: single for name in safetensors_keys(single)}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def safetensors_keys(file):
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for truncated / corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from e
+
+
+def from_pretrained(path: str, device="cpu", dtype=None) -> Qwen2:
+    """Build on the meta device, then load each tensor straight into place (no second full copy)."""
+    from safetensors import safe_open
+    cfg = Config.from_file(os.path.join(path, "config.json"))
+    dtype = DTYPES[cfg.torch_dtype] if dtype is None else dtype
+    expected = expected_shapes(cfg)
+    files = checkpoint_files(path)
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)  # some tied checkpoints store it anyway: it is the embedding
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{unexpected[0]} in {files[unexpected[0]]}: unexpected tensor for this config"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    state = {}
+    by_file = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in names:
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(f"{name} in {file}: shape {shape}, expected {expected[name]}")
+                    state[name] = f.get_tensor(name).to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from e
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.source_path = path
+    return model.to(device)
+
+
+def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**30, source_path=None):
+    """Write the HF layout atomically: safetensors (sharded with an index past max_shard_bytes),
+    config.json, generation_config.json and the tokenizer files of the source checkpoint."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        shards = shard_state(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        source = source_path or model.source_path
+        copy_tokenizer_files(source, tmp)
+        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+                           "temperature": 0.6, "top_p": 0.95}, f, indent=2)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def shard_state(state, max_shard_bytes):
+    shards, size = [{}], 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def copy_tokenizer_files(source, dest):
+    if not source:
+        return
+    for name in TOKENIZER_FILES + ["generation_config.json"]:
+        src = os.path.join(source, name)
+        if os.path.exists(src):
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+def replace_dir(tmp, path):
+    """Swap tmp into path: the old folder survives until the new one is complete."""
+    old = None
+    if os.path.exists(path):
+        old = tmp + ".old"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat template
+
+USER, ASSISTANT, THINK = "<｜User｜>", "<｜Assistant｜>", "<think>\n"
+MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+@dataclass
+class Tokenizer:
+    """tokenizer.json through `tokenizers`; special tokens and EOS ids read from the checkpoint's files."""
+    tok: object
+    bos_token: str
+    eos_token_ids: list
+    pad_token_id: int
+    think_in_template: bool = False  # the checkpoint's template ends the prompt with "<think>\n"
+    vocab_size: int = field(default=0)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        file = os.path.join(path, "tokenizer.json")
+        try:
+            tok = HFTokenizer.from_file(file)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from e
+        tcfg = read_json(os.path.join(path, "tokenizer_config.json"))
+        gcfg = read_json(os.path.join(path, "generation_config.json"))
+        bos = token_content(tcfg.get("bos_token"))
+        eos = token_content(tcfg.get("eos_token"))
+        pad = token_content(tcfg.get("pad_token")) or eos
+        if not bos or not eos:
+            raise CheckpointError(f"{path}/tokenizer_config.json: bos_token and eos_token are required")
+        for special in (bos, eos, USER, ASSISTANT):
+            if tok.token_to_id(special) is None:
+                raise CheckpointError(f"{file}: special token {special!r} is not in the vocabulary")
+        eos_ids = gcfg.get("eos_token_id", tok.token_to_id(eos))
+        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+        think = THINK.strip() in str(tcfg.get("chat_template", "")).split(ASSISTANT)[-1]
+        return cls(tok, bos, eos_ids, tok.token_to_id(pad), think, tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, problem: str, instruction: str = MATH_INSTRUCTION, think: bool | None = None) -> str:
+        """The R1-distill template; think=None follows the checkpoint (newer templates append <think>\\n)."""
+        return chat_template(problem, self.bos_token, instruction, self.think_in_template if think is None else think)
+
+
+def chat_template(problem: str, bos: str = "<｜begin▁of▁sentence｜>", instruction: str = MATH_INSTRUCTION,
+                  think: bool = False) -> str:
+    user = f"{problem} {instruction}" if instruction else problem
+    return f"{bos}{USER}{user}{ASSISTANT}" + (THINK if think else "")
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def token_content(t):
+    return t.get("content") if isinstance(t, dict) else t
