@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from grpo import token_logprobs
+
 try:  # optional: used on CUDA when installed, never required
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 except ImportError:
@@ -359,7 +361,6 @@ class Qwen2(nn.Module):
         h = self.hidden_states(input_ids, positions, meta, kv_cache)
         if targets is None:
             return h
-        from grpo import token_logprobs
         return token_logprobs(h, self.lm_head.weight, targets, temperature=temperature, return_entropy=return_entropy)
 
     def hidden_states(self, input_ids, positions, meta, kv_cache=None):
