@@ -1,0 +1,587 @@
+"""
+Evaluation: pass@1 over the DeepScaleR test sets (AIME 2024, AMC 2023, MATH-500, Minerva Math,
+OlympiadBench), laid out like the paper's table, with the published numbers beside ours.
+
+    python eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
+    torchrun --nproc_per_node=8 eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
+    python eval.py ... --sets aime --n 4 --max-tokens 2048        # a short eval
+
+The published protocol by default: 16 samples per problem, temperature 0.6, top_p 0.95, 32,768 new
+tokens; pass@1 is the mean correctness, printed with its standard error (the sampling noise of n
+samples), plus the unbiased pass@k for k <= n.
+
+Every sample is appended to OUT/samples.jsonl (one shard per rank under torchrun) as soon as its chunk
+of problems finishes, so an interrupted eval resumes where it stopped. Problems are cut into fixed
+chunks, each sampled with a seed derived from (seed, set, chunk): the same chunk gets the same samples
+whatever the number of ranks, and whether or not the run was interrupted.
+
+The trainer's periodic validation calls evaluate() in-process with its own engine and grader.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Published pass@1 (%) from the DeepScaleR blog / README, in the paper's column order.
+SETS = {"aime": "AIME 2024", "math": "MATH 500", "amc": "AMC 2023", "minerva": "Minerva Math",
+        "olympiad_bench": "OlympiadBench"}
+PUBLISHED = {
+    "DeepSeek-R1-Distill-Qwen-1.5B": {"aime": 28.8, "math": 82.8, "amc": 62.9, "minerva": 26.5,
+                                      "olympiad_bench": 43.3, "avg": 48.9},
+    "DeepScaleR-1.5B-Preview": {"aime": 43.1, "math": 87.8, "amc": 73.6, "minerva": 30.2,
+                                "olympiad_bench": 50.0, "avg": 57.0},
+}
+
+
+@dataclass
+class EvalConfig:
+    n: int = 16                    # samples per problem
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 32768        # new tokens per sample
+    seed: int = 0
+    require_think: bool = True     # grading: the answer must follow </think> (False: --no-think)
+    think_template: bool | None = None  # prompt: end with "<think>\n"? None follows the checkpoint
+    max_prompt_tokens: int = 2048  # longer prompts are reported and left out, never silently
+    chunk_size: int = 64           # problems per generate() call: the unit of resume
+    ks: list = field(default_factory=list)  # pass@k to report; empty: powers of two up to n, and n
+
+    def pass_ks(self):
+        ks = self.ks or sorted({2 ** i for i in range(int(math.log2(self.n)) + 1)} | {self.n})
+        bad = [k for k in ks if not 1 <= k <= self.n]
+        if bad:
+            raise ValueError(f"pass@k needs 1 <= k <= n={self.n}, got k={bad}")
+        return ks
+
+    def fingerprint(self):
+        """What must match for samples on disk to be reused (resume)."""
+        d = asdict(self)
+        d.pop("ks")  # reporting only
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Data: DeepScaleR's JSON test sets (a list of {"problem": str, "answer": str | float | list, ...})
+
+
+class DataError(ValueError):
+    pass
+
+
+def gold_strings(answer):
+    """Every upstream gold format as a list of strings, any of which counts as correct:
+    "025" (AIME: leading zeros kept, and "25" added), 142.0 (AMC floats), ["0.01\\n", "0.02\\n"]
+    (Minerva: any of several), ["$2^{1009}$"] (OlympiadBench: math-mode dollars). None if unusable."""
+    if isinstance(answer, bool) or answer is None:
+        return None
+    if isinstance(answer, (int, float)):
+        if not math.isfinite(answer):
+            return None
+        return [str(int(answer)) if float(answer).is_integer() else repr(float(answer))]
+    if isinstance(answer, list):
+        golds = [g for a in answer for g in (gold_strings(a) or [])]
+        return list(dict.fromkeys(golds)) or None
+    if not isinstance(answer, str):
+        return None
+    s = strip_dollars(answer.strip()).strip()
+    if not s:
+        return None
+    golds = [s]
+    if s.isdigit() and len(s) > 1 and s[0] == "0":
+        golds.append(str(int(s)))
+    return golds
+
+
+def strip_dollars(s):
+    """Remove math-mode delimiters ($...$, and $a$,$b$ lists), keeping escaped \\$ signs."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            out.append(s[i:i + 2])
+            i += 2
+            continue
+        if s[i] != "$":
+            out.append(s[i])
+        i += 1
+    return "".join(out)
+
+
+def load_dataset(path):
+    """-> (rows, skipped). Each row: {"id": row index, "problem", "golds", "answer" (as upstream)}.
+    A malformed row is skipped with a message naming the file and row, never a crash."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read test set ({e})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of problems, got {type(data).__name__}")
+    rows, skipped = [], []
+    for i, r in enumerate(data):
+        why = None
+        if not isinstance(r, dict):
+            why = f"is a {type(r).__name__}, not an object"
+        elif not isinstance(r.get("problem"), str) or not r["problem"].strip():
+            why = "has no 'problem' text"
+        elif gold_strings(r.get("answer")) is None:
+            why = f"has no usable 'answer' ({r.get('answer')!r})"
+        if why:
+            skipped.append(f"{path}: row {i} {why}; skipped")
+            continue
+        # the row index is the id: unique and stable, unlike the upstream id fields (idx, unique_id, id)
+        rows.append({"id": i, "problem": r["problem"], "golds": gold_strings(r["answer"]), "answer": r["answer"]})
+    return rows, skipped
+
+
+def load_datasets(data_dir, names):
+    datasets, skipped = {}, {}
+    for name in names:
+        path = os.path.join(data_dir, f"{name}.json")
+        if not os.path.exists(path):
+            raise DataError(f"{path}: test set not found (see README: DeepScaleR's deepscaler/data/test/*.json)")
+        datasets[name], skipped[name] = load_dataset(path)
+        for msg in skipped[name]:
+            print(f"warning: {msg}", file=sys.stderr)
+    return datasets, skipped
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass1_stderr(counts):
+    """Standard error of pass@1 from sampling, with the problems held fixed: each problem's mean of
+    n_i Bernoulli draws has variance p(1-p)/n_i, estimated without bias by p̂(1-p̂)/(n_i-1).
+    counts: [(n_i, c_i)]. None when some problem has a single sample."""
+    if not counts or any(n < 2 for n, _ in counts):
+        return None
+    var = sum((c / n) * (1 - c / n) / (n - 1) for n, c in counts)
+    return math.sqrt(var) / len(counts)
+
+
+def summarize(samples, ks):
+    """Per-set metrics from sample records {problem_id, reward, length, finish_reason}."""
+    by_problem = {}
+    for s in samples:
+        by_problem.setdefault(s["problem_id"], []).append(s)
+    counts = [(len(v), sum(x["reward"] > 0.5 for x in v)) for v in by_problem.values()]
+    if not counts:
+        return {"problems": 0, "samples": 0, "pass@1": None, "stderr": None, "pass@k": {}}
+    n_min = min(n for n, _ in counts)
+    correct = [s["length"] for s in samples if s["reward"] > 0.5]
+    wrong = [s["length"] for s in samples if s["reward"] <= 0.5]
+    truncated = sum(s["finish_reason"] == "length" for s in samples)
+    return {
+        "problems": len(counts), "samples": len(samples),
+        "pass@1": sum(c / n for n, c in counts) / len(counts),
+        "stderr": pass1_stderr(counts),
+        # spread over problems too: the noise of drawing this problem set from a larger pool
+        "stderr_problems": stdev([c / n for n, c in counts]) / math.sqrt(len(counts)) if len(counts) > 1 else None,
+        "pass@k": {k: sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks if k <= n_min},
+        "length": {"mean": mean([s["length"] for s in samples]), "mean_correct": mean(correct),
+                   "mean_wrong": mean(wrong), "max": max(s["length"] for s in samples)},
+        "truncated": truncated / len(samples),
+    }
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def stdev(xs):
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def fmt(x, scale=100.0, digits=1):
+    return "–" if x is None else f"{x * scale:.{digits}f}"
+
+
+def markdown_table(results, name="ours"):
+    """The paper's table (pass@1 %, ± standard error for ours), published reference rows first;
+    then a details table: pass@k, response lengths, truncated fraction."""
+    names = list(SETS)
+    head = "| Model | " + " | ".join(SETS.values()) + " | Avg. |"
+    lines = [head, "|" + "---|" * (len(names) + 2)]
+    for model, row in PUBLISHED.items():
+        lines.append(f"| {model} (published) | " + " | ".join(f"{row[k]:.1f}" for k in names) + f" | {row['avg']:.1f} |")
+    sets = results["datasets"]
+    cells = []
+    for k in names:
+        r = sets.get(k)
+        if r is None or r["pass@1"] is None:
+            cells.append("–")
+        else:
+            cells.append(fmt(r["pass@1"]) + (f" ± {fmt(r['stderr'])}" if r["stderr"] is not None else ""))
+    avg = results.get("average")
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(avg) if avg is not None else '–'} |")
+    if avg is None and sets:
+        lines.append("\nAvg. is shown only when all five sets were evaluated.")
+    ks = sorted({k for r in sets.values() for k in r["pass@k"]})
+    lines += ["", "| Set | problems | samples/problem | " + " | ".join(f"pass@{k}" for k in ks)
+              + " | mean len | len correct | len wrong | truncated | left out |",
+              "|" + "---|" * (len(ks) + 8)]
+    for k, r in sets.items():
+        L = r.get("length", {})
+        left_out = len(r.get("too_long", [])) + len(r.get("skipped_rows", []))
+        lines.append(f"| {SETS.get(k, k)} | {r['problems']} | {r['samples'] // max(r['problems'], 1)} | "
+                     + " | ".join(fmt(r["pass@k"].get(kk)) for kk in ks)
+                     + f" | {fmt(L.get('mean'), 1, 0)} | {fmt(L.get('mean_correct'), 1, 0)} | "
+                     f"{fmt(L.get('mean_wrong'), 1, 0)} | {fmt(r.get('truncated'))}% | {left_out} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Sample records on disk (JSONL, appended as we go)
+
+
+def shard_path(out_jsonl, rank, world_size):
+    if world_size == 1:
+        return out_jsonl
+    stem, ext = os.path.splitext(out_jsonl)
+    return f"{stem}.rank{rank}{ext}"
+
+
+def read_records(out_jsonl):
+    """All records in out_jsonl and its rank shards, keyed (set, problem_id, sample). A line cut
+    short by an interruption is ignored (its chunk is simply sampled again)."""
+    stem, ext = os.path.splitext(out_jsonl)
+    records = {}
+    for path in [out_jsonl] + sorted(glob.glob(f"{glob.escape(stem)}.rank*{ext}")):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    records[(r["dataset"], r["problem_id"], r["sample"])] = r
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return records
+
+
+def append_records(path, records):
+    with open(path, "a+") as f:
+        if f.tell() > 0:  # after an interrupted write the last line may lack its newline
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_meta(out_jsonl, meta, write):
+    """Samples on disk are reused only if they were drawn with the same settings."""
+    path = os.path.splitext(out_jsonl)[0] + ".meta.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{path}: the samples next to it were drawn with different settings "
+                             + ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
+                             + "; use another --out or delete them")
+    elif write:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Generation and grading
+
+
+def make_prompts(tokenizer, datasets, cfg):
+    """Tokenized prompts per set; prompts over max_prompt_tokens are reported and left out (the
+    decision depends only on the data, so chunks stay the same across resumes)."""
+    prompts, too_long = {}, {}
+    for name, rows in datasets.items():
+        prompts[name], too_long[name] = [], []
+        for row in rows:
+            ids = tokenizer.encode(tokenizer.chat_prompt(row["problem"], think=cfg.think_template))
+            if len(ids) > cfg.max_prompt_tokens:
+                too_long[name].append(row["id"])
+                print(f"warning: {name} row {row['id']}: prompt has {len(ids)} tokens > max_prompt_tokens "
+                      f"{cfg.max_prompt_tokens}; left out", file=sys.stderr)
+            else:
+                prompts[name].append((row, ids))
+    return prompts, too_long
+
+
+def chunks(prompts, chunk_size):
+    """Fixed chunks of each set, in order: [(set, chunk index, [(row, ids)])]."""
+    out = []
+    for name, items in prompts.items():
+        for c in range(0, len(items), chunk_size):
+            out.append((name, c // chunk_size, items[c:c + chunk_size]))
+    return out
+
+
+def chunk_seed(seed, name, index):
+    # a stable hash (Python's hash() is salted per process), so ranks and resumes agree
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()[:4], "little")
+
+
+def grade(responses, golds, require_think, grader):
+    """Reward per response: correct if it matches any of its gold strings."""
+    flat_r = [r for r, g in zip(responses, golds) for _ in g]
+    flat_g = [x for g in golds for x in g]
+    if grader is not None:
+        scores = grader.grade(flat_r, flat_g, require_think=require_think)
+    else:
+        import reward
+        scores = [reward.reward(r, g, require_think=require_think) for r, g in zip(flat_r, flat_g)]
+    out, i = [], 0
+    for g in golds:
+        out.append(float(max(scores[i:i + len(g)])))
+        i += len(g)
+    return out
+
+
+def extract(response, require_think):
+    import reward
+    return reward.extract_answer(response, require_think=require_think)
+
+
+def as_engine(engine_or_model, tokenizer, cfg):
+    if not isinstance(engine_or_model, torch.nn.Module):
+        return engine_or_model
+    import sample
+    return sample.Engine(engine_or_model, max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
+                         vocab_limit=tokenizer.vocab_size)
+
+
+def run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos):
+    """Sample n responses for each problem of the chunk and grade them -> sample records."""
+    comps = engine.generate([ids for _, ids in items], max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, seed=chunk_seed(cfg.seed, name, index),
+                            stop_token_ids=eos, progress=False)
+    if len(comps) != len(items) * cfg.n:
+        raise RuntimeError(f"engine returned {len(comps)} completions for {len(items)} prompts x n={cfg.n}")
+    texts = [tokenizer.decode(strip_eos(c.token_ids, eos)) for c in comps]
+    golds = [items[c.prompt_index][0]["golds"] for c in comps]
+    rewards = grade(texts, golds, cfg.require_think, grader)
+    records = []
+    for c, text, r in zip(comps, texts, rewards):
+        row, ids = items[c.prompt_index]
+        records.append({"dataset": name, "problem_id": row["id"], "sample": c.sample_index, "chunk": index,
+                        "response": text, "extracted": extract(text, cfg.require_think), "reward": r,
+                        "length": len(c.token_ids), "finish_reason": c.finish_reason, "prompt_tokens": len(ids)})
+    return records
+
+
+def strip_eos(ids, eos):
+    ids = list(ids)
+    while ids and ids[-1] in eos:
+        ids.pop()
+    return ids
+
+
+def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top_p=0.95, top_k=-1,
+             max_tokens=32768, seed=0, require_think=True, think_template=None, max_prompt_tokens=2048,
+             chunk_size=64, ks=(), grader=None, out_jsonl=None, resume=True, rank=0, world_size=1,
+             run_info=None, progress=True):
+    """Sample, grade and summarize. datasets: {set name: rows from load_dataset}. Chunks are dealt
+    round-robin to ranks; every rank returns the same results (compact stats are all-gathered).
+    With out_jsonl, each sample is appended to it (rank shards under world_size > 1) and, with
+    resume, samples already there are reused."""
+    cfg = EvalConfig(n, temperature, top_p, top_k, max_tokens, seed, require_think, think_template,
+                     max_prompt_tokens, chunk_size, list(ks))
+    ks = cfg.pass_ks()
+    engine = as_engine(engine_or_model, tokenizer, cfg)
+    eos = list(tokenizer.eos_token_ids)
+    prompts, too_long = make_prompts(tokenizer, datasets, cfg)
+    mine = [ch for i, ch in enumerate(chunks(prompts, chunk_size)) if i % world_size == rank]
+    done, path = {}, None
+    if out_jsonl:
+        os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
+        path = shard_path(out_jsonl, rank, world_size)
+        meta = {**cfg.fingerprint(), **(run_info or {})}
+        if not resume and rank == 0:
+            for p in [out_jsonl] + glob.glob(f"{glob.escape(os.path.splitext(out_jsonl)[0])}.rank*.jsonl"):
+                if os.path.exists(p):
+                    os.remove(p)
+            meta_path = os.path.splitext(out_jsonl)[0] + ".meta.json"
+            if os.path.exists(meta_path):
+                os.remove(meta_path)
+        barrier(world_size)
+        check_meta(out_jsonl, meta, write=rank == 0)
+        done = read_records(out_jsonl) if resume else {}
+
+    total = sum(len(items) for _, _, items in mine) * cfg.n
+    bar = make_bar(total, progress and rank == 0)
+    stats, new_tokens, t0 = [], 0, time.perf_counter()
+    for name, index, items in mine:
+        keys = [(name, row["id"], s) for row, _ in items for s in range(cfg.n)]
+        have = [done.get(k) for k in keys]
+        if all(have):
+            records = have
+        else:  # sample the whole chunk again: it is deterministic, so the samples already on disk recur
+            records = run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos)
+            new = [r for r in records if (r["dataset"], r["problem_id"], r["sample"]) not in done]
+            new_tokens += sum(r["length"] for r in records)
+            if path:
+                append_records(path, new)
+        stats += [{k: r[k] for k in ("dataset", "problem_id", "sample", "reward", "length", "finish_reason")}
+                  for r in records]
+        elapsed = time.perf_counter() - t0
+        bar.update(len(records))
+        bar.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):,.0f} tok/s")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    stats, new_tokens, elapsed = gather(stats, new_tokens, elapsed, world_size)
+    results = {"config": asdict(cfg), "datasets": {}, "throughput": {
+        "generated_tokens": new_tokens, "seconds": elapsed, "tokens_per_s": new_tokens / max(elapsed, 1e-9)}}
+    for name in datasets:
+        r = summarize([s for s in stats if s["dataset"] == name], ks)
+        r["too_long"] = too_long[name]
+        results["datasets"][name] = r
+    vals = [results["datasets"].get(k, {}).get("pass@1") for k in SETS]
+    results["average"] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+    return results
+
+
+def make_bar(total, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="sample", desc="eval", disable=not enabled, dynamic_ncols=True)
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def gather(stats, tokens, seconds, world_size):
+    """Compact per-sample stats (no response text) from every rank; tokens add up, time is the slowest."""
+    if world_size == 1:
+        return stats, tokens, seconds
+    parts = [None] * world_size
+    torch.distributed.all_gather_object(parts, (stats, tokens, seconds))
+    return [s for p in parts for s in p[0]], sum(p[1] for p in parts), max(p[2] for p in parts)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def init_distributed():
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = EvalConfig()
+    p.add_argument("--ckpt", required=True, help="a Qwen2 checkpoint folder in the Hugging Face layout")
+    p.add_argument("--data", required=True, help="folder with DeepScaleR's test sets (aime.json, ...)")
+    p.add_argument("--out", default="eval_out", help="folder for samples.jsonl, results.json, results.md")
+    p.add_argument("--sets", default=",".join(SETS), help="comma-separated subset of " + ",".join(SETS))
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each set (short evals)")
+    p.add_argument("--n", type=int, default=d.n, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="new tokens per sample")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--k", default="", help="comma-separated pass@k to report (default: powers of two up to n)")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="problems per generate call (resume unit)")
+    p.add_argument("--no-think", action="store_true", help="grade models that do not use <think> (require_think=False)")
+    tmpl = p.add_mutually_exclusive_group()
+    tmpl.add_argument("--think-template", dest="think_template", action="store_true", default=None,
+                      help="end the prompt with '<think>\\n' (default: follow the checkpoint's template)")
+    tmpl.add_argument("--no-think-template", dest="think_template", action="store_false")
+    p.add_argument("--no-resume", action="store_true", help="discard samples already in --out")
+    p.add_argument("--name", default=None, help="row name in the table (default: the checkpoint folder)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--grader-workers", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import model as M
+    import reward
+    rank, world_size, device = init_distributed()
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETS]
+    if unknown:
+        raise SystemExit(f"--sets: unknown set(s) {unknown}; choose from {list(SETS)}")
+    datasets, skipped = load_datasets(args.data, names)
+    if args.limit is not None:
+        datasets = {k: v[:args.limit] for k, v in datasets.items()}
+    tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
+    model = M.from_pretrained(args.ckpt, device=device, dtype=M.DTYPES[args.dtype]).eval()
+    out_jsonl = os.path.join(args.out, "samples.jsonl")
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    with reward.Grader(num_workers=args.grader_workers) as grader:
+        results = evaluate(model, tokenizer, datasets, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
+                           require_think=not args.no_think, think_template=args.think_template,
+                           max_prompt_tokens=args.max_prompt_tokens, chunk_size=args.chunk_size, ks=ks,
+                           grader=grader, out_jsonl=out_jsonl, resume=not args.no_resume, rank=rank,
+                           world_size=world_size, run_info={"ckpt": os.path.abspath(args.ckpt), "limit": args.limit})
+    if rank == 0:
+        for name, msgs in skipped.items():
+            results["datasets"][name]["skipped_rows"] = msgs
+        write_outputs(args.out, out_jsonl, world_size, results, args.name or os.path.basename(os.path.abspath(args.ckpt)))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def write_outputs(out_dir, out_jsonl, world_size, results, name):
+    """Rank 0: merge the rank shards into samples.jsonl, then results.json and results.md."""
+    if world_size > 1:
+        records = read_records(out_jsonl)
+        tmp = out_jsonl + ".tmp"
+        with open(tmp, "w") as f:
+            for key in sorted(records):
+                f.write(json.dumps(records[key]) + "\n")
+        os.replace(tmp, out_jsonl)
+        for p in glob.glob(f"{glob.escape(os.path.splitext(out_jsonl)[0])}.rank*.jsonl"):
+            os.remove(p)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown_table(results, name)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    t = results["throughput"]
+    print(f"{t['generated_tokens']:,} tokens generated in {t['seconds']:.1f} s ({t['tokens_per_s']:,.0f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
