@@ -346,19 +346,11 @@ def chunk_seed(seed, name, index):
 
 
 def grade(responses, golds, require_think, grader):
-    """Reward per response: correct if it matches any of its gold strings."""
-    flat_r = [r for r, g in zip(responses, golds) for _ in g]
-    flat_g = [x for g in golds for x in g]
+    """Reward per response: 1.0 if its answer matches any of its gold strings (reward.py takes lists)."""
     if grader is not None:
-        scores = grader.grade(flat_r, flat_g, require_think=require_think)
-    else:
-        import reward
-        scores = [reward.reward(r, g, require_think=require_think) for r, g in zip(flat_r, flat_g)]
-    out, i = [], 0
-    for g in golds:
-        out.append(float(max(scores[i:i + len(g)])))
-        i += len(g)
-    return out
+        return [float(x) for x in grader.grade(responses, golds, require_think=require_think)]
+    import reward
+    return [float(reward.reward(r, g, require_think=require_think)) for r, g in zip(responses, golds)]
 
 
 def extract(response, require_think):

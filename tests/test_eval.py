@@ -161,7 +161,7 @@ def fake_reward_module():
         return m[-1] if m else None
 
     mod.extract_answer = extract_answer
-    mod.reward = lambda resp, gold, require_think=True: float(extract_answer(resp, require_think) == gold)
+    mod.reward = lambda resp, golds, require_think=True: float(extract_answer(resp, require_think) in golds)
     return mod
 
 
@@ -267,3 +267,58 @@ def test_too_long_prompts_are_reported(tokenizer, reward_module, capsys):
                      progress=False)
     assert res["datasets"]["aime"]["too_long"] == [0, 1] and res["datasets"]["aime"]["problems"] == 0
     assert "aime row 0: prompt has" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the command line on a tiny random checkpoint
+
+
+class NaiveEngine:
+    """Plain full-recompute sampling (used only while sample.py is absent)."""
+
+    def __init__(self, model, *, max_model_len=None, vocab_limit=None, **_):
+        self.model, self.vocab_limit = model, vocab_limit
+
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, top_k, n, seed, stop_token_ids, progress=False):
+        import torch
+        out = []
+        for p, ids in enumerate(prompts):
+            for s in range(n):
+                g = torch.Generator().manual_seed(seed * 1000003 + p * 1009 + s)
+                seq, new = list(ids), []
+                for _ in range(max_new_tokens):
+                    with torch.no_grad():
+                        logits = self.model(torch.tensor([seq]))[0, -1, :self.vocab_limit].float()
+                    tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
+                    seq.append(tok)
+                    new.append(tok)
+                    if tok in stop_token_ids:
+                        break
+                out.append(Completion(new, [], "stop" if new[-1] in stop_token_ids else "length", p, s))
+        return out
+
+
+@pytest.fixture
+def engine_module(monkeypatch):
+    if not HAVE_SAMPLE:
+        monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(Engine=NaiveEngine))
+
+
+def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, engine_module, capsys):
+    ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=1)
+    out = str(tmp_path / "out")
+    argv = ["--ckpt", ckpt, "--data", DATA, "--out", out, "--n", "2", "--max-tokens", "6", "--chunk-size", "1",
+            "--grader-workers", "1", "--dtype", "float32", "--name", "tiny-random"]
+    res = E.main(argv)
+    printed = capsys.readouterr()
+    assert "| tiny-random |" in printed.out and "tok/s" in printed.out
+    assert "math.json: row 1 has no 'problem'" not in printed.err  # row 1 lacks the answer
+    assert "math.json: row 1 has no usable 'answer'" in printed.err
+    records = E.read_records(os.path.join(out, "samples.jsonl"))
+    assert len(records) == 2 * sum(r["problems"] for r in res["datasets"].values()) == 2 * 10
+    assert all(r["length"] <= 6 and r["finish_reason"] in ("stop", "length") for r in records.values())
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["datasets"]["math"]["skipped_rows"][0].endswith("row 1 has no usable 'answer' (None); skipped")
+    # run again: everything is on disk, nothing is sampled, same results
+    again = E.main(argv)
+    assert again["datasets"] == res["datasets"] and again["throughput"]["generated_tokens"] == 0
