@@ -144,11 +144,11 @@ class _TokenLogprobs(torch.autograd.Function):
                 h, y, g_c = hidden[t0:t0 + ct], targets[t0:t0 + ct], g[t0:t0 + ct]
                 log_p = _tile_logits(h, w, inv_t).sub_(lse[t0:t0 + ct, None])
                 p = log_p.exp()
-                if ge is not None:  # coefficient g + ge (log p + H), built in place over log_p
-                    coef = log_p.add_(ent[t0:t0 + ct, None]).mul_(ge[t0:t0 + ct, None]).add_(g_c[:, None])
+                if ge is not None:  # -(g + ge (log p + H)), built in place over log_p
+                    neg_coef = log_p.add_(ent[t0:t0 + ct, None]).mul_(-ge[t0:t0 + ct, None]).sub_(g_c[:, None])
                 else:
-                    coef = g_c[:, None]
-                dz = p.mul_(coef).neg_()
+                    neg_coef = -g_c[:, None]
+                dz = p.mul_(neg_coef)  # -p (g + ge (log p + H)); the target's +g is added next
                 col, inside = _local_targets(y, v0, dz.shape[1])
                 dz.scatter_add_(1, col[:, None], torch.where(inside, g_c, 0.0)[:, None])
                 dz = dz.to(hidden.dtype)
