@@ -1,0 +1,202 @@
+"""
+Benchmark and real-data check for reward.py.
+
+  python bench/reward.py --check-golds ../shared/data/test
+      every gold of every eval set, boxed the way a model writes it, must earn 1.0, and a really
+      different gold (another row's answer) must earn 0.0.
+  python bench/reward.py [--batches 10] [--workers 1 2]
+      realistic R1-style responses (long reasoning, then a boxed answer): responses/s in one process,
+      and latency of a 2,048-response training step through Grader at each worker count.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reward as R  # noqa: E402
+
+
+def load_golds(data_dir):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.json"))):
+        with open(path) as f:
+            out[os.path.basename(path)] = [row["answer"] for row in json.load(f)]
+    return out
+
+
+def model_writes(g):
+    """How a model boxes a stored gold: no $ signs, AIME's 025 as 25, AMC's 142.0 as 142."""
+    s = re.sub(r"(?<!\\)\$", "", g.strip()).strip()
+    if s.isdigit():
+        s = str(int(s))
+    return s
+
+
+def _value(s):
+    """Independent numeric reading of a gold (raw parse_latex, no normalisation), or None."""
+    s = s.split("=")[-1]  # "x=5" is the answer 5
+    try:
+        sp = R._load_sympy()
+        v = complex(sp.parse_latex_(s).xreplace(
+            {sp.Symbol("pi"): sp.pi}).evalf(30))
+        return v
+    except Exception:
+        return None
+
+
+def really_differs(a, golds_b):
+    """a differs from every gold in golds_b as a string and, where both are numbers, in value."""
+    for b in golds_b:
+        if model_writes(a) == model_writes(b):
+            return False
+        va, vb = _value(model_writes(a)), _value(model_writes(b))
+        if va is not None and vb is not None and abs(va - vb) <= 1e-9 * max(abs(va), abs(vb), 1e-30):
+            return False
+    return True
+
+
+def check_golds(data_dir):
+    failures, n_right, n_wrong = [], 0, 0
+    for name, rows in load_golds(data_dir).items():
+        golds = [R._gold_strings(g) for g in rows]
+        for i, gl in enumerate(golds):
+            for g in gl:  # each acceptable form, boxed, earns 1.0
+                resp = f"Reasoning...</think>\nSo the answer is $\\boxed{{{model_writes(g)}}}$."
+                n_right += 1
+                if R.reward(resp, rows[i]) != 1.0:
+                    failures.append((name, i, "right answer scored 0", model_writes(g), gl))
+            for k in range(1, len(golds)):  # the next row whose answer really differs
+                other = golds[(i + k) % len(golds)]
+                if other and really_differs(other[0], gl):
+                    break
+            resp = f"Reasoning...</think>\nSo the answer is $\\boxed{{{model_writes(other[0])}}}$."
+            n_wrong += 1
+            if R.reward(resp, rows[i]) != 0.0:
+                failures.append((name, i, "wrong answer scored 1", model_writes(other[0]), gl))
+    print(f"check-golds: {n_right} boxed golds, {n_wrong} different answers, {len(failures)} failures")
+    for f in failures:
+        print("  FAIL", f)
+    return failures
+
+# ----------------------------------------------------------------------------------------------
+
+
+WORDS = ("Let me think about this carefully . We have the equation and we need to find the value of "
+         "x such that the condition holds . Wait , maybe I should double-check that step . Hmm , so "
+         "substituting back gives $x^2 + 3x - 4 = 0$ which factors as $(x+4)(x-1) = 0$ . Therefore the "
+         "roots are $x = 1$ and $x = -4$ . But the problem asks for the sum of all such values , so "
+         "using Vieta we get $\\frac{-b}{a}$ . Alternatively , consider the case where $n$ is odd .").split()
+
+
+def make_response(rng, answer, n_words):
+    think = " ".join(rng.choice(WORDS) for _ in range(n_words))
+    if rng.random() < 0.3:  # R1 often boxes intermediate results inside its reasoning too
+        think += f" so tentatively \\boxed{{{rng.randint(1, 99)}}} but let me verify."
+    return (f"{think}\n</think>\n\nTo summarise, we solved for the quantity step by step.\n\n"
+            f"**Final Answer**\n\\[\n\\boxed{{{answer}}}\n\\]")
+
+
+def variants(g):
+    """Correct answers written differently from the gold."""
+    out = [g]
+    n = R._number(R._norm(g))
+    if n and n[0].denominator != 1 and n[0].denominator < 1000:
+        out += [f"\\dfrac{{{n[0].numerator}}}{{{n[0].denominator}}}", f"x = {g}"]
+    elif n:
+        out += [f"x = {g}", f"{g}."]
+    return out
+
+
+def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
+    responses, answers = [], []
+    for _ in range(n_prompts):
+        gold = rng.choice(golds)
+        g = model_writes(R._gold_strings(gold)[0])
+        for _ in range(group):
+            u = rng.random()
+            if u < 0.45:
+                ans = rng.choice(variants(g))
+            elif u < 0.80:
+                ans = model_writes(R._gold_strings(rng.choice(golds))[0])
+            elif u < 0.95:
+                n = R._number(R._norm(g))
+                ans = str(int(n[0]) + rng.randint(1, 9)) if n else g + "+1"
+            else:
+                responses.append(make_response(rng, g, rng.randint(*n_words))[:-12])  # truncated
+                answers.append(gold)
+                continue
+            responses.append(make_response(rng, ans, rng.randint(*n_words)))
+            answers.append(gold)
+    return responses, answers
+
+
+def bench(data_dir, batches, worker_counts, timeout):
+    if os.path.isdir(data_dir):
+        golds = [g for rows in load_golds(data_dir).values() for g in rows]
+    else:
+        golds = ["025", 142.0, "\\frac{14}{3}", "3\\sqrt{13}", "(3,4]", ["0.5\n", "$\\frac12$"], "x^3+3x-6"]
+    rng = random.Random(0)
+    resp, ans = make_batch(rng, golds)
+    chars = sum(map(len, resp)) / len(resp)
+    print(f"batch: {len(resp)} responses, mean {chars:.0f} chars")
+    R.is_equiv("\\sqrt{2}", "2^{1/2}")  # load sympy outside the timing
+    t = time.perf_counter()
+    single = [R.reward(r, a) for r, a in zip(resp, ans)]
+    dt = time.perf_counter() - t
+    print(f"one process, reward() per response, no pool: {len(resp) / dt:.0f} responses/s "
+          f"({dt:.2f} s per 2,048; accuracy {sum(single) / len(single):.3f})")
+    for nw in worker_counts:
+        with R.Grader(num_workers=nw, timeout=timeout) as grader:
+            grader.grade(resp[:64], ans[:64])  # waits for the workers to boot
+            grader.stats.clear()
+            times = []
+            for b in range(batches):
+                r2, a2 = make_batch(random.Random(b + 1), golds)
+                t = time.perf_counter()
+                out = grader.grade(r2, a2)
+                times.append(time.perf_counter() - t)
+            assert grader.grade(resp, ans) == single, "pool and in-process grading disagree"
+            times.sort()
+            p50 = statistics.median(times)
+            p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+            st = dict(grader.stats)
+            print(f"Grader(num_workers={nw}): {batches} batches of 2,048: p50 {p50:.3f} s, "
+                  f"p99 {p99:.3f} s, max {times[-1]:.3f} s, {2048 / p50:.0f} responses/s; stats {st}")
+            # a pathological answer: the guard refuses it in the parent/worker in milliseconds ...
+            hard = r2[:]
+            hard[0] = "</think> \\boxed{10^{10^{10}}}"
+            t = time.perf_counter()
+            grader.grade(hard, a2)
+            print(f"  batch with 10^{{10^{{10}}}} (guarded): {time.perf_counter() - t:.3f} s")
+    # ... and with the guard off it hangs sympy in C: the pool kills the worker at the timeout.
+    with R.Grader(num_workers=worker_counts[-1], timeout=timeout, guard=False) as grader:
+        grader.grade(resp[:64], ans[:64])
+        lat = []
+        for b in range(3):
+            r2, a2 = make_batch(random.Random(100 + b), golds)
+            r2[b] = "</think> \\boxed{10^{10^{10}}}"
+            t = time.perf_counter()
+            out = grader.grade(r2, a2)
+            lat.append(time.perf_counter() - t)
+            assert out[b] == 0.0
+        print(f"  guard off, one hanging answer per batch (timeout {timeout} s): batch latency "
+              f"{', '.join(f'{x:.3f}' for x in lat)} s; timeouts {grader.stats['timeouts']}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-golds", metavar="DIR")
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/test"))
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count()])
+    ap.add_argument("--timeout", type=float, default=5.0)
+    args = ap.parse_args()
+    if args.check_golds:
+        sys.exit(1 if check_golds(args.check_golds) else 0)
+    bench(args.data, args.batches, args.workers, args.timeout)
