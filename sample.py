@@ -1,0 +1,82 @@
+"""
+Sample from a model: the rollout engine's front door.
+
+    python sample.py --ckpt DIR --prompt "What is 1+1?" --num-samples 4 --temperature 0.6 --top-p 0.95 --max-tokens 512
+
+applies the checkpoint's chat template, prints the completions and reports tokens/s. From code:
+
+    from sample import generate, Engine
+    comps = generate(model, [[ids...], [ids...]], max_new_tokens=512, temperature=0.6, top_p=0.95, n=8, seed=step)
+    comps[0].token_ids, comps[0].logprobs, comps[0].finish_reason   # prompt-major: n samples of prompt 0 first
+
+generate() builds an Engine (engine.py: paged KV pool, prefix sharing, continuous batching, preemption)
+once and keeps it on the model, rebuilding it only when the engine arguments change. A training loop
+that owns a separate inference copy calls engine.update_weights(policy) before each engine.generate.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from engine import Completion, Engine  # noqa: F401  (re-exported: `from sample import Engine, Completion`)
+
+ENGINE_ATTR = "_rollout_engine"  # where generate() keeps its engine on the model
+
+
+def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1, seed=0,
+             stop_token_ids=(), progress=False, **engine_kwargs):
+    """Completions for len(prompts) * n samples, prompt-major. engine_kwargs (block_size, num_blocks,
+    memory_budget, max_num_seqs, max_model_len, max_prefill_tokens, vocab_limit, eos_token_ids,
+    ignore_eos) configure the cached engine; a change rebuilds it (and its KV pool)."""
+    key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in engine_kwargs.items()))
+    cached = model.__dict__.get(ENGINE_ATTR)
+    device = next(model.parameters()).device
+    if cached is None or cached[0] != key or cached[1].device != device:
+        if cached is not None:
+            del model.__dict__[ENGINE_ATTR]  # free the old pool before sizing the new one
+            del cached
+        model.__dict__[ENGINE_ATTR] = (key, Engine(model, **engine_kwargs))
+    engine = model.__dict__[ENGINE_ATTR][1]
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           top_k=top_k, n=n, seed=seed, stop_token_ids=stop_token_ids, progress=progress)
+
+
+def main():
+    import model as M
+    ap = argparse.ArgumentParser(description="Sample completions from a checkpoint with the chat template.")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (HF layout with tokenizer files)")
+    ap.add_argument("--prompt", action="append", required=True, help="problem text (repeat for several)")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=-1)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-template", action="store_true", help="send the prompt text as is")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tok = M.Tokenizer.from_pretrained(args.ckpt)
+    model = M.from_pretrained(args.ckpt, device=device, dtype=dtype)
+    texts = args.prompt if args.no_template else [tok.chat_prompt(p) for p in args.prompt]
+    prompts = [tok.encode(t) for t in texts]
+    engine = Engine(model, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
+                    max_model_len=max(map(len, prompts)) + args.max_tokens)
+    t0 = time.perf_counter()
+    comps = engine.generate(prompts, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, n=args.num_samples, seed=args.seed)
+    dt = time.perf_counter() - t0
+    for c in comps:
+        print(f"=== prompt {c.prompt_index} sample {c.sample_index} ({len(c.token_ids)} tokens, {c.finish_reason})")
+        print(texts[c.prompt_index] + tok.decode(c.token_ids))
+    ntok = sum(len(c.token_ids) for c in comps)
+    print(f"--- {len(comps)} completions, {ntok} tokens in {dt:.2f} s: {ntok / dt:,.1f} tokens/s on {device.type} "
+          f"({engine.stats['preemptions']} preemptions, {engine.stats['prefix_blocks_shared']} prefix blocks shared)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
