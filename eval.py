@@ -4,7 +4,7 @@ OlympiadBench), laid out like the paper's table, with the published numbers besi
 
     python eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
-    python eval.py ... --sets aime --n 4 --max-tokens 2048        # a short eval
+    python eval.py ... --sets aime --samples 4 --max-tokens 2048  # a short eval
 
 The published protocol by default: 16 samples per problem, temperature 0.6, top_p 0.95, 32,768 new
 tokens; pass@1 is the mean correctness, printed with its standard error (the sampling noise of n
@@ -501,7 +501,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="eval_out", help="folder for samples.jsonl, results.json, results.md")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated subset of " + ",".join(SETS))
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (short evals)")
-    p.add_argument("--n", type=int, default=d.n, help="samples per problem")
+    # not --n alone: torchrun's own parser takes it for an abbreviation of --nnodes / --nproc-per-node
+    p.add_argument("--samples", "--n", dest="n", type=int, default=d.n, help="samples per problem")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--top-k", type=int, default=d.top_k)
@@ -526,7 +527,6 @@ def main(argv=None):
     args = parse_args(argv)
     import model as M
     import reward
-    rank, world_size, device = init_distributed()
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETS]
     if unknown:
@@ -534,11 +534,13 @@ def main(argv=None):
     datasets, skipped = load_datasets(args.data, names)
     if args.limit is not None:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
-    tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
-    model = M.from_pretrained(args.ckpt, device=device, dtype=M.DTYPES[args.dtype]).eval()
-    out_jsonl = os.path.join(args.out, "samples.jsonl")
     ks = [int(k) for k in args.k.split(",") if k.strip()]
+    # the grader's worker processes start before CUDA/NCCL (reward.py), overlapping the model load
     with reward.Grader(num_workers=args.grader_workers) as grader:
+        rank, world_size, device = init_distributed()
+        tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
+        model = M.from_pretrained(args.ckpt, device=device, dtype=M.DTYPES[args.dtype]).eval()
+        out_jsonl = os.path.join(args.out, "samples.jsonl")
         results = evaluate(model, tokenizer, datasets, n=args.n, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
                            require_think=not args.no_think, think_template=args.think_template,

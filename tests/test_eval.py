@@ -322,3 +322,37 @@ def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, engine_module, cap
     # run again: everything is on disk, nothing is sampled, same results
     again = E.main(argv)
     assert again["datasets"] == res["datasets"] and again["throughput"]["generated_tokens"] == 0
+
+
+def test_torchrun_two_ranks(tmp_path, reward_module, engine_module):
+    """torchrun --nproc_per_node=2 on CPU (gloo): chunks dealt to the ranks, each rank's shard merged by
+    rank 0 into one samples.jsonl holding every (problem, sample) exactly once; one table, from rank 0.
+    (That the shards equal a single-process run is test_rank_split_covers_every_chunk_once.)"""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [root] + ([] if HAVE_SAMPLE else [str(fake_sample_dir(tmp_path))])))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(root, "eval.py"), "--ckpt", ckpt, "--data", DATA, "--sets", "aime,amc",
+                           "--samples", "2", "--max-tokens", "3", "--chunk-size", "1", "--grader-workers", "1",
+                           "--dtype", "float32", "--name", "tiny", "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=150, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p for p in os.listdir(tmp_path / "out") if ".rank" in p] == []
+    merged = E.read_records(str(tmp_path / "out" / "samples.jsonl"))
+    assert sorted(merged) == [(s, p, k) for s in ("aime", "amc") for p in (0, 1) for k in (0, 1)]
+    assert {r["chunk"] for r in merged.values()} == {0, 1}
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    assert all(res["datasets"][s]["problems"] == 2 and res["datasets"][s]["samples"] == 4 for s in ("aime", "amc"))
+    assert res["throughput"]["generated_tokens"] == sum(r["length"] for r in merged.values())
+    assert proc.stdout.count("| tiny |") == 1  # only rank 0 prints the table
+
+
+def fake_sample_dir(tmp_path):
+    """While sample.py is absent, a sample module for the torchrun children: the test's NaiveEngine."""
+    d = tmp_path / "fake_sample"
+    d.mkdir()
+    (d / "sample.py").write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                                 "from test_eval import NaiveEngine as Engine\n")
+    return d
