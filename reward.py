@@ -499,6 +499,7 @@ def _to_sympy(s):
     if len(s) > MAX_SYMPY or "%" in s or s.count("{") > 60:
         raise ValueError("not for sympy")
     sp = _load_sympy()
+    s = re.sub(r"(?<![\\a-zA-Z])([a-zA-Z])\(", r"\1\\cdot(", s)  # n(n+1) is a product, not a call
     e = sp.parse_latex_(s)
     if _GUARD and _too_big(e):
         raise ValueError("too big")
@@ -511,7 +512,7 @@ def _to_sympy(s):
 
 def _close(va, vb, tol):
     sp = _sp
-    if not (va.is_number and vb.is_number) or va.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+    if not (va.is_number and vb.is_number) or any(v.has(sp.nan, sp.zoo, sp.oo, -sp.oo) for v in (va, vb)):
         return None
     diff, scale = abs(va - vb), max(abs(va), abs(vb))
     return bool(diff <= tol * scale or diff < 1e-40)
@@ -613,6 +614,8 @@ def _worker_main(guard=True):
     proto.write('["ready"]\n')
     proto.flush()
     for line in sys.stdin:
+        if not line.strip():
+            continue
         tid, pred, golds = json.loads(line)
         proto.write(json.dumps([tid, any(is_equiv(pred, g) for g in golds)]) + "\n")
         proto.flush()
@@ -667,16 +670,17 @@ class Grader:
     antlr) then overlaps model loading. Not thread-safe; one grade() at a time.
 
     Every sympy comparison runs under `timeout` seconds, enforced by killing and replacing the
-    worker (a timeout scores 0.0). `guard=False` disables the size guards, for tests only."""
+    worker (a timeout scores 0.0). `spares` extra workers keep the pool at full strength while a
+    killed worker's replacement boots. `guard=False` disables the size guards, for tests only."""
 
-    def __init__(self, num_workers=None, timeout=5.0, guard=True, boot_timeout=120.0):
+    def __init__(self, num_workers=None, timeout=5.0, spares=1, guard=True, boot_timeout=120.0):
         if num_workers is None:
             num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"Grader: need num_workers >= 1 and timeout > 0, got {num_workers}, {timeout}")
         self.timeout, self.guard, self.boot_timeout = float(timeout), guard, boot_timeout
         self.stats = Counter()  # responses, no_answer, unique, fast, sympy, timeouts, restarts
-        self._workers = [_Worker(guard) for _ in range(num_workers)]
+        self._workers = [_Worker(guard) for _ in range(num_workers + spares)]
 
     def __enter__(self):
         return self
