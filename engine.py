@@ -318,13 +318,15 @@ class Engine:
                     batch.append((seq, take))
                     budget -= take
         watermark = max(1, self.num_blocks // 100)  # leave room for running sequences to grow
-        while self.waiting and budget > 0 and len(self.running) + self.waiting[0].fork <= self.max_num_seqs:
+        occupied = sum(s.fork for s in self.running)  # a leader still prefilling will become `fork` sequences
+        while self.waiting and budget > 0 and occupied + self.waiting[0].fork <= self.max_num_seqs:
             seq = self.waiting[0]
             need = self._admit_cost(seq) + (watermark if self.running else 0)
             if need > self.pool.num_free:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            occupied += seq.fork
             take = min(len(seq.tokens), budget)
             self._grow(seq, take)
             batch.append((seq, take))
