@@ -1,0 +1,127 @@
+"""
+Data parallelism for train.py and eval.py under torchrun: process group, FSDP2 sharding, weight sync into
+each rank's engine, and balancing packed sequences across ranks. One process (no WORLD_SIZE) is world 1,
+and every function here is then a cheap no-op, so the single-GPU/CPU path runs the same code.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> Dist:
+    """Read torchrun's environment; NCCL on CUDA, gloo on CPU. Call it *after* creating the grading
+    pool (its workers must start before CUDA/NCCL initialisation)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    d = Dist(rank, world, local_rank, torch.device(device))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if d.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60),
+                                device_id=d.device if backend == "nccl" else None)
+    return d
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist):
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce(x: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place on x (a tensor on d.device); returns it."""
+    if d.enabled:
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, d: Dist, src=0):
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# -----------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model, d: Dist, compute_dtype=None, reshard_after_forward=True):
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head stay whole inside
+    the root's forward, where token_logprobs runs). Master weights stay in the model's dtype (float32);
+    compute_dtype (bf16 on GPU) is what the layers see, gradients are reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+@torch.no_grad()
+def sync_weights(src_model, dst_model):
+    """Copy the policy's weights into the engine's model in place (captured CUDA graphs keep pointing at
+    the same buffers). A sharded parameter is cast to the engine's dtype *before* it is gathered, one
+    tensor at a time, so no full float32 copy of the model ever exists."""
+    from torch.distributed.tensor import DTensor
+    dst = dict(dst_model.named_parameters(remove_duplicate=False))
+    for name, p in src_model.named_parameters():
+        target = dst[name]
+        value = p.detach()
+        if isinstance(value, DTensor):
+            value = value.to(target.dtype).full_tensor()
+        target.copy_(value)
+
+
+# -----------------------------------------------------------------------------
+# Balancing the update across ranks
+
+
+def balance(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Split sequence indices into world_size parts of near-equal token counts (longest first, each to
+    the lightest part). Deterministic, so every rank computes the same split from the same lengths."""
+    parts = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        parts[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(p) for p in parts]
