@@ -358,12 +358,13 @@ def extract(response, require_think):
     return reward.extract_answer(response, require_think=require_think)
 
 
-def as_engine(engine_or_model, tokenizer, cfg):
+def as_engine(engine_or_model, tokenizer, cfg, engine_kwargs=None):
     if not isinstance(engine_or_model, torch.nn.Module):
         return engine_or_model
     import sample
-    return sample.Engine(engine_or_model, max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
-                         vocab_limit=tokenizer.vocab_size)
+    kw = dict(max_model_len=cfg.max_prompt_tokens + cfg.max_tokens, vocab_limit=tokenizer.vocab_size,
+              eos_token_ids=list(tokenizer.eos_token_ids))
+    return sample.Engine(engine_or_model, **{**kw, **(engine_kwargs or {})})
 
 
 def run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos):
@@ -395,15 +396,15 @@ def strip_eos(ids, eos):
 def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top_p=0.95, top_k=-1,
              max_tokens=32768, seed=0, require_think=True, think_template=None, max_prompt_tokens=2048,
              chunk_size=64, ks=(), grader=None, out_jsonl=None, resume=True, rank=0, world_size=1,
-             run_info=None, progress=True):
+             run_info=None, progress=True, engine_kwargs=None):
     """Sample, grade and summarize. datasets: {set name: rows from load_dataset}. Chunks are dealt
     round-robin to ranks; every rank returns the same results (compact stats are all-gathered).
     With out_jsonl, each sample is appended to it (rank shards under world_size > 1) and, with
-    resume, samples already there are reused."""
+    resume, samples already there are reused. A model gets a fresh sample.Engine (engine_kwargs)."""
     cfg = EvalConfig(n, temperature, top_p, top_k, max_tokens, seed, require_think, think_template,
                      max_prompt_tokens, chunk_size, list(ks))
     ks = cfg.pass_ks()
-    engine = as_engine(engine_or_model, tokenizer, cfg)
+    engine = as_engine(engine_or_model, tokenizer, cfg, engine_kwargs)
     eos = list(tokenizer.eos_token_ids)
     prompts, too_long = make_prompts(tokenizer, datasets, cfg)
     mine = [ch for i, ch in enumerate(chunks(prompts, chunk_size)) if i % world_size == rank]
@@ -520,6 +521,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="row name in the table (default: the checkpoint folder)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--grader-workers", type=int, default=None)
+    p.add_argument("--kv-memory-gb", type=float, default=None, help="KV pool size (default: the engine's choice)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded at once (engine default)")
     return p.parse_args(argv)
 
 
@@ -546,7 +549,8 @@ def main(argv=None):
                            require_think=not args.no_think, think_template=args.think_template,
                            max_prompt_tokens=args.max_prompt_tokens, chunk_size=args.chunk_size, ks=ks,
                            grader=grader, out_jsonl=out_jsonl, resume=not args.no_resume, rank=rank,
-                           world_size=world_size, run_info={"ckpt": os.path.abspath(args.ckpt), "limit": args.limit})
+                           world_size=world_size, run_info={"ckpt": os.path.abspath(args.ckpt), "limit": args.limit},
+                           engine_kwargs=engine_kwargs(args))
     if rank == 0:
         for name, msgs in skipped.items():
             results["datasets"][name]["skipped_rows"] = msgs
@@ -554,6 +558,15 @@ def main(argv=None):
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return results
+
+
+def engine_kwargs(args):
+    kw = {}
+    if args.kv_memory_gb is not None:
+        kw["memory_budget"] = int(args.kv_memory_gb * 2**30)
+    if args.max_num_seqs is not None:
+        kw["max_num_seqs"] = args.max_num_seqs
+    return kw
 
 
 def write_outputs(out_dir, out_jsonl, world_size, results, name):

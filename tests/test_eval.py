@@ -19,7 +19,6 @@ from fixtures import tiny_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "eval")
 HAVE_REWARD = importlib.util.find_spec("reward") is not None
-HAVE_SAMPLE = importlib.util.find_spec("sample") is not None
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +171,16 @@ def reward_module(monkeypatch):
     return sys.modules.get("reward") or __import__("reward")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models here are faster on one thread, and far faster on a machine shared with other jobs."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
@@ -273,42 +282,11 @@ def test_too_long_prompts_are_reported(tokenizer, reward_module, capsys):
 # the command line on a tiny random checkpoint
 
 
-class NaiveEngine:
-    """Plain full-recompute sampling (used only while sample.py is absent)."""
-
-    def __init__(self, model, *, max_model_len=None, vocab_limit=None, **_):
-        self.model, self.vocab_limit = model, vocab_limit
-
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, top_k, n, seed, stop_token_ids, progress=False):
-        import torch
-        out = []
-        for p, ids in enumerate(prompts):
-            for s in range(n):
-                g = torch.Generator().manual_seed(seed * 1000003 + p * 1009 + s)
-                seq, new = list(ids), []
-                for _ in range(max_new_tokens):
-                    with torch.no_grad():
-                        logits = self.model(torch.tensor([seq]))[0, -1, :self.vocab_limit].float()
-                    tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
-                    seq.append(tok)
-                    new.append(tok)
-                    if tok in stop_token_ids:
-                        break
-                out.append(Completion(new, [], "stop" if new[-1] in stop_token_ids else "length", p, s))
-        return out
-
-
-@pytest.fixture
-def engine_module(monkeypatch):
-    if not HAVE_SAMPLE:
-        monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(Engine=NaiveEngine))
-
-
-def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, engine_module, capsys):
+def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, capsys):
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=1)
     out = str(tmp_path / "out")
-    argv = ["--ckpt", ckpt, "--data", DATA, "--out", out, "--n", "2", "--max-tokens", "6", "--chunk-size", "1",
-            "--grader-workers", "1", "--dtype", "float32", "--name", "tiny-random"]
+    argv = ["--ckpt", ckpt, "--data", DATA, "--out", out, "--samples", "2", "--max-tokens", "6", "--grader-workers", "1",
+            "--dtype", "float32", "--name", "tiny-random", "--max-prompt-tokens", "200", "--kv-memory-gb", "0.01"]
     res = E.main(argv)
     printed = capsys.readouterr()
     assert "| tiny-random |" in printed.out and "tok/s" in printed.out
@@ -324,19 +302,19 @@ def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, engine_module, cap
     assert again["datasets"] == res["datasets"] and again["throughput"]["generated_tokens"] == 0
 
 
-def test_torchrun_two_ranks(tmp_path, reward_module, engine_module):
+def test_torchrun_two_ranks(tmp_path, reward_module):
     """torchrun --nproc_per_node=2 on CPU (gloo): chunks dealt to the ranks, each rank's shard merged by
     rank 0 into one samples.jsonl holding every (problem, sample) exactly once; one table, from rank 0.
     (That the shards equal a single-process run is test_rank_split_covers_every_chunk_once.)"""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
-    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [root] + ([] if HAVE_SAMPLE else [str(fake_sample_dir(tmp_path))])))
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=root)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(root, "eval.py"), "--ckpt", ckpt, "--data", DATA, "--sets", "aime,amc",
                            "--samples", "2", "--max-tokens", "3", "--chunk-size", "1", "--grader-workers", "1",
-                           "--dtype", "float32", "--name", "tiny", "--out", str(tmp_path / "out")],
+                           "--dtype", "float32", "--name", "tiny", "--out", str(tmp_path / "out"), "--max-prompt-tokens", "200",
+                           "--kv-memory-gb", "0.01"],
                           env=env, capture_output=True, text=True, timeout=150, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p for p in os.listdir(tmp_path / "out") if ".rank" in p] == []
@@ -349,10 +327,32 @@ def test_torchrun_two_ranks(tmp_path, reward_module, engine_module):
     assert proc.stdout.count("| tiny |") == 1  # only rank 0 prints the table
 
 
-def fake_sample_dir(tmp_path):
-    """While sample.py is absent, a sample module for the torchrun children: the test's NaiveEngine."""
-    d = tmp_path / "fake_sample"
-    d.mkdir()
-    (d / "sample.py").write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-                                 "from test_eval import NaiveEngine as Engine\n")
-    return d
+def test_real_engine_interrupted_then_resumed_equals_one_run(tmp_path, tokenizer, reward_module):
+    """The same on the real engine and a tiny random checkpoint: the resumed samples (text, lengths,
+    finish reasons) are exactly those of an uninterrupted run."""
+    import sample
+    model = M.from_pretrained(tiny_checkpoint(str(tmp_path / "ckpt"), seed=3), dtype=__import__("torch").float32)
+    engine = sample.Engine(model, max_model_len=200 + 5, memory_budget=2**22, vocab_limit=tokenizer.vocab_size)
+
+    class Dies:
+        def __init__(self, after):
+            self.after, self.calls = after, 0
+
+        def generate(self, *a, **kw):
+            if self.calls == self.after:
+                raise KeyboardInterrupt
+            self.calls += 1
+            return engine.generate(*a, **kw)
+
+    datasets = {k: E.load_dataset(os.path.join(DATA, f"{k}.json"))[0] for k in ("aime", "olympiad_bench")}
+    kw = dict(n=2, max_tokens=5, chunk_size=1, max_prompt_tokens=200, temperature=1.0, progress=False)
+    E.evaluate(engine, tokenizer, datasets, out_jsonl=str(tmp_path / "one.jsonl"), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate(Dies(2), tokenizer, datasets, out_jsonl=str(tmp_path / "two.jsonl"), **kw)
+    assert len(E.read_records(str(tmp_path / "two.jsonl"))) == 2 * 2
+    again = Dies(99)
+    E.evaluate(again, tokenizer, datasets, out_jsonl=str(tmp_path / "two.jsonl"), **kw)
+    assert again.calls == 2
+    one, two = E.read_records(str(tmp_path / "one.jsonl")), E.read_records(str(tmp_path / "two.jsonl"))
+    assert one == two and len(one) == 8
+    assert len({r["response"] for r in one.values()}) > 1  # really sampled, not a constant
