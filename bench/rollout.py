@@ -1,0 +1,181 @@
+"""
+Rollout throughput of the engine (sample.py / engine.py), random weights, EOS ignored, beside
+transformers' generate on the same device and beside the memory-bandwidth limit.
+
+    python bench/rollout.py                      # CPU, a tiny shape, a reduced grid
+    python bench/rollout.py --full               # the real 1.5B shape (GPU): batch 1/64/256 x context 1K/8K
+    python bench/rollout.py --batches 1,64 --contexts 1024 --gen 64 --no-hf
+
+Each cell: B prompts of `context` random tokens, one sample each, `gen` new tokens.
+  decode tok/s  = B * (gen - 1) / (time(gen) - time(1))   (prefill and the first token cancel out)
+  e2e tok/s     = B * gen / time(gen)                      (prefill included)
+  limit tok/s   = B / ((weight bytes + KV bytes read per step) / measured bandwidth), KV at the mean
+                  context of the decode (context + gen / 2); the ceiling a decode step cannot beat.
+transformers: the same weights in Qwen2ForCausalLM, greedy, min_new_tokens = max_new_tokens = gen.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+from engine import Engine  # noqa: E402
+
+TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=65536, torch_dtype="float32",
+            bos_token_id=0, eos_token_id=1)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device, dtype):
+    """Device copy bandwidth, bytes read + written per second (best of 5)."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 27) // dtype.itemsize
+    a = torch.empty(n, dtype=dtype, device=device).fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * dtype.itemsize / best
+
+
+def weight_bytes_per_step(model):
+    """Every weight is read once per decode step except the embedding (B rows only, unless tied)."""
+    total = 0
+    for name, p in {id(p): (n, p) for n, p in model.named_parameters()}.values():
+        if name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_engine(engine, prompts, gen, device):
+    kw = dict(temperature=1.0, top_p=1.0, seed=0)
+    engine.generate(prompts[:1], max_new_tokens=2, **kw)  # warm-up
+    t1 = timed(lambda: engine.generate(prompts, max_new_tokens=1, **kw), device)
+    tg = timed(lambda: engine.generate(prompts, max_new_tokens=gen, **kw), device)
+    assert engine.stats["tokens_generated"] == len(prompts) * gen
+    return len(prompts) * (gen - 1) / (tg - t1), len(prompts) * gen / tg, engine.stats["preemptions"]
+
+
+def hf_twin(model, device, dtype):
+    import transformers
+    hf_cfg = transformers.Qwen2Config(**model.config.to_hf())
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"weights do not map onto transformers: {missing[:3]} {unexpected[:3]}")
+    return hf.eval()
+
+
+def bench_hf(hf, prompts, gen, device):
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    run(1)  # warm-up
+    t1 = timed(lambda: run(1), device)
+    tg = timed(lambda: run(gen), device)
+    return len(prompts) * (gen - 1) / (tg - t1), len(prompts) * gen / tg
+
+
+def fmt(x):
+    return x if isinstance(x, str) else f"{x:,.0f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="real 1.5B shape (default on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    ap.add_argument("--batches", default=None, help="comma-separated; default 1,64,256")
+    ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths; default 1024,8192 (GPU), 1024 (CPU)")
+    ap.add_argument("--gen", type=int, default=None, help="new tokens per sample (default 128 GPU, 16 CPU)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    full = args.full or gpu
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    cfg = M.Config() if full else M.Config(**TINY)
+    batches = [int(x) for x in (args.batches or "1,64,256").split(",")]
+    contexts = [int(x) for x in (args.contexts or ("1024,8192" if gpu else "1024")).split(",")]
+    gen = args.gen or (128 if gpu else 16)
+
+    with torch.device("meta"):
+        model = M.Qwen2(cfg)
+    model = M.init_weights(model.to_empty(device=device), std=0.02).to(dtype)
+    bw = measure_bandwidth(device, dtype)
+    wbytes = weight_bytes_per_step(model)
+    max_len = max(contexts) + gen
+    probe = Engine(model, num_blocks=1, max_num_seqs=1, max_model_len=16)
+    kv_token = probe.kv_bytes_per_block() / probe.block_size
+    del probe
+    hf = None
+    if not args.no_hf:
+        try:
+            hf = hf_twin(model, device, dtype)
+        except Exception as e:  # transformers missing or incompatible: the engine still runs
+            print(f"transformers unavailable: {e}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{name}, commit {commit}, {time.strftime('%Y-%m-%d')}, {model.num_params() / 1e6:.1f}M params "
+          f"({'1.5B shape' if full else 'tiny shape'}), {str(dtype).removeprefix('torch.')}, gen {gen} tokens, "
+          f"KV {kv_token / 1024:.1f} KiB/token, bandwidth {bw / 1e9:.1f} GB/s")
+    print("| batch | context | engine decode tok/s | engine e2e tok/s | HF decode tok/s | HF e2e tok/s "
+          "| bandwidth limit tok/s | engine % of limit | preemptions |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for ctx in contexts:
+        for B in batches:
+            prompts = torch.randint(0, cfg.vocab_size, (B, ctx), generator=g).tolist()
+            limit = B / ((wbytes + B * (ctx + gen / 2) * kv_token) / bw)
+            try:  # a pool sized for this cell, freed before transformers runs (both need the memory)
+                engine = Engine(model, num_blocks=B * -(-(ctx + gen) // 16) + 1, max_num_seqs=B,
+                                max_model_len=max_len, ignore_eos=True)
+                dec, e2e, pre = bench_engine(engine, prompts, gen, device)
+            except torch.OutOfMemoryError:
+                dec = e2e = pre = "OOM"
+            engine = None
+            if gpu:
+                torch.cuda.empty_cache()
+            hd = he = "-"
+            if hf is not None:
+                try:
+                    hd, he = bench_hf(hf, prompts, gen, device)
+                except torch.OutOfMemoryError:
+                    hd = he = "OOM"
+                if gpu:
+                    torch.cuda.empty_cache()
+            pct = "-" if isinstance(dec, str) else f"{100 * dec / limit:.0f}%"
+            print(f"| {B} | {ctx} | {fmt(dec)} | {fmt(e2e)} | {fmt(hd)} | {fmt(he)} | {fmt(limit)} | {pct} | {pre} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
