@@ -481,19 +481,6 @@ def gather(stats, tokens, seconds, world_size):
 # Command line
 
 
-def init_distributed():
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = EvalConfig()
@@ -528,6 +515,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import distributed
     import model as M
     import reward
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -540,7 +528,8 @@ def main(argv=None):
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     # the grader's worker processes start before CUDA/NCCL (reward.py), overlapping the model load
     with reward.Grader(num_workers=args.grader_workers) as grader:
-        rank, world_size, device = init_distributed()
+        d = distributed.setup()  # NCCL on CUDA, gloo on CPU; a long timeout, as ranks finish unevenly
+        rank, world_size, device = d.rank, d.world_size, d.device
         tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
         model = M.from_pretrained(args.ckpt, device=device, dtype=M.DTYPES[args.dtype]).eval()
         out_jsonl = os.path.join(args.out, "samples.jsonl")
@@ -555,8 +544,7 @@ def main(argv=None):
         for name, msgs in skipped.items():
             results["datasets"][name]["skipped_rows"] = msgs
         write_outputs(args.out, out_jsonl, world_size, results, args.name or os.path.basename(os.path.abspath(args.ckpt)))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    distributed.teardown()
     return results
 
 

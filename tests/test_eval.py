@@ -1,14 +1,11 @@
 """eval.py: metrics against hand-computed values, every upstream gold format, malformed rows, resume
 after an interruption == one uninterrupted run, rank splitting, and the CLI on a tiny random checkpoint."""
-import importlib.util
 import itertools
 import json
 import math
 import os
 import random
-import re
 import sys
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +15,6 @@ import model as M
 from fixtures import tiny_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "eval")
-HAVE_REWARD = importlib.util.find_spec("reward") is not None
 
 
 # -----------------------------------------------------------------------------
@@ -147,30 +143,6 @@ class ScriptedEngine:
         return out
 
 
-def fake_reward_module():
-    """A stand-in for reward.py until it is committed: last \\boxed{} after </think>, exact match."""
-    mod = types.ModuleType("reward")
-
-    def extract_answer(text, require_think=True):
-        if require_think:
-            if "</think>" not in text:
-                return None
-            text = text.split("</think>")[-1]
-        m = re.findall(r"\\boxed\{([^{}]*)\}", text)
-        return m[-1] if m else None
-
-    mod.extract_answer = extract_answer
-    mod.reward = lambda resp, golds, require_think=True: float(extract_answer(resp, require_think) in golds)
-    return mod
-
-
-@pytest.fixture
-def reward_module(monkeypatch):
-    if not HAVE_REWARD:
-        monkeypatch.setitem(sys.modules, "reward", fake_reward_module())
-    return sys.modules.get("reward") or __import__("reward")
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """The tiny models here are faster on one thread, and far faster on a machine shared with other jobs."""
@@ -192,7 +164,7 @@ def right(ans):
     return f"<think>ok</think> The answer is \\boxed{{{ans}}}."
 
 
-def test_evaluate_scripted_exact_metrics(tokenizer, reward_module):
+def test_evaluate_scripted_exact_metrics(tokenizer):
     datasets = {"aime": E.load_dataset(os.path.join(DATA, "aime.json"))[0]}
     # problem 0 (gold "025"): 3/4 right, incl. "25" vs "025"; problem 1 (gold "007"): 0/4 (no </think>, wrong)
     script = {"Find 5*5.": [right("025"), right("25"), "\\boxed{25}", right("025")],
@@ -210,7 +182,7 @@ def test_evaluate_scripted_exact_metrics(tokenizer, reward_module):
     assert res2["datasets"]["aime"]["pass@1"] == pytest.approx((1.0 + 0.25) / 2)
 
 
-def test_every_upstream_gold_format_is_graded(tokenizer, reward_module):
+def test_every_upstream_gold_format_is_graded(tokenizer):
     names = list(E.SETS)
     datasets, skipped = E.load_datasets(DATA, names)
     assert sum(len(v) for v in skipped.values()) == 3
@@ -226,7 +198,7 @@ def test_every_upstream_gold_format_is_graded(tokenizer, reward_module):
     assert "| tiny | 100.0 ± 0.0 |" in table and "| 57.0 |" in table and "28.8" in table
 
 
-def test_resume_after_interruption_equals_one_run(tmp_path, tokenizer, reward_module):
+def test_resume_after_interruption_equals_one_run(tmp_path, tokenizer):
     datasets = {k: E.load_dataset(os.path.join(DATA, f"{k}.json"))[0] for k in ("aime", "amc", "olympiad_bench")}
     kw = dict(n=3, max_tokens=64, chunk_size=1, progress=False)
     full = E.evaluate(ScriptedEngine(tokenizer), tokenizer, datasets, out_jsonl=str(tmp_path / "a/samples.jsonl"), **kw)
@@ -249,7 +221,7 @@ def test_resume_after_interruption_equals_one_run(tmp_path, tokenizer, reward_mo
     assert {"problem_id", "response", "extracted", "reward", "length", "finish_reason"} <= set(rec)
 
 
-def test_rank_split_covers_every_chunk_once(tmp_path, tokenizer, reward_module, monkeypatch):
+def test_rank_split_covers_every_chunk_once(tmp_path, tokenizer, monkeypatch):
     """world_size=2 in-process (gather/barrier stubbed): the ranks' shards together equal one run."""
     datasets = {k: E.load_dataset(os.path.join(DATA, f"{k}.json"))[0] for k in ("aime", "amc", "minerva")}
     kw = dict(n=2, max_tokens=64, chunk_size=1, progress=False)
@@ -270,7 +242,7 @@ def test_rank_split_covers_every_chunk_once(tmp_path, tokenizer, reward_module, 
     assert "| tiny |" in (tmp_path / "two/results.md").read_text()
 
 
-def test_too_long_prompts_are_reported(tokenizer, reward_module, capsys):
+def test_too_long_prompts_are_reported(tokenizer, capsys):
     datasets = {"aime": E.load_dataset(os.path.join(DATA, "aime.json"))[0]}
     res = E.evaluate(ScriptedEngine(tokenizer), tokenizer, datasets, n=2, max_tokens=8, max_prompt_tokens=10,
                      progress=False)
@@ -282,7 +254,7 @@ def test_too_long_prompts_are_reported(tokenizer, reward_module, capsys):
 # the command line on a tiny random checkpoint
 
 
-def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, capsys):
+def test_cli_tiny_checkpoint_resumes(tmp_path, capsys):
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=1)
     out = str(tmp_path / "out")
     argv = ["--ckpt", ckpt, "--data", DATA, "--out", out, "--samples", "2", "--max-tokens", "6", "--grader-workers", "1",
@@ -302,7 +274,7 @@ def test_cli_tiny_checkpoint_resumes(tmp_path, reward_module, capsys):
     assert again["datasets"] == res["datasets"] and again["throughput"]["generated_tokens"] == 0
 
 
-def test_torchrun_two_ranks(tmp_path, reward_module):
+def test_torchrun_two_ranks(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo): chunks dealt to the ranks, each rank's shard merged by
     rank 0 into one samples.jsonl holding every (problem, sample) exactly once; one table, from rank 0.
     (That the shards equal a single-process run is test_rank_split_covers_every_chunk_once.)"""
@@ -327,7 +299,7 @@ def test_torchrun_two_ranks(tmp_path, reward_module):
     assert proc.stdout.count("| tiny |") == 1  # only rank 0 prints the table
 
 
-def test_real_engine_interrupted_then_resumed_equals_one_run(tmp_path, tokenizer, reward_module):
+def test_real_engine_interrupted_then_resumed_equals_one_run(tmp_path, tokenizer):
     """The same on the real engine and a tiny random checkpoint: the resumed samples (text, lengths,
     finish reasons) are exactly those of an uninterrupted run."""
     import sample
