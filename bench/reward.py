@@ -61,8 +61,52 @@ def really_differs(a, golds_b):
     return True
 
 
+def restyled(s):
+    """The same answer written the way models also write it."""
+    out = [s.replace("\\frac", "\\dfrac"), s.replace(",", ", ")]
+    n = R._number(R._norm(s))
+    if n and "%" not in s:
+        out.append(f"x = {s}")
+        v = n[0]
+        if v.denominator != 1 and 10**6 % v.denominator == 0:  # terminating decimal
+            out.append(str(float(v)))
+        elif "." in s and "e" not in s and "times" not in s:
+            out.append(f"\\frac{{{v.numerator}}}{{{v.denominator}}}")
+    if s[:1] in "([" and s[-1:] in ")]":
+        out.append(f"\\left{s[0]} {s[1:-1]} \\right{s[-1]}")
+    return out
+
+
+def near_misses(s):
+    """Answers that look like the gold but are wrong: off by one, reciprocal, other bracket, reversed."""
+    out = []
+    n = R._number(R._norm(s))
+    if n and "%" not in s:
+        v = n[0]
+        if n[1]:  # a measurement: off by 1%, beyond the 1e-4 tolerance
+            out.append(repr(float(v) * 1.01))
+        else:
+            out.append(str(v + 1) if v.denominator == 1 else f"\\frac{{{v.numerator + 1}}}{{{v.denominator}}}")
+        if v != 0:
+            out.append(f"-({s})")
+        if v not in (0, 1, -1):
+            out.append(f"\\frac{{1}}{{{s}}}")
+    node = R._struct(R._norm(s))
+    if node[0] == "seq" and len(node[2]) >= 2:
+        ns = R._norm(s)
+        out.append({"(": "[", "[": "("}[ns[0]] + ns[1:])
+        if node[2][::-1] != node[2] and node[1] == "()" and not all(x[0] == "elem" and R._number(x[1])
+                                                                     is None for x in node[2]):
+            out.append("(" + ",".join(x[1] for x in node[2][::-1] if x[0] == "elem") + ")")
+    if node[0] == "set" and len(node[1]) >= 2 and all(x[0] == "elem" for x in node[1]):
+        out.append(",".join(x[1] for x in node[1][1:]))
+    if s.count("\\pm") == 1:
+        out.append(s.replace("\\pm", "+"))
+    return out
+
+
 def check_golds(data_dir):
-    failures, n_right, n_wrong = [], 0, 0
+    failures, n_right, n_wrong, n_near = [], 0, 0, 0
     for name, rows in load_golds(data_dir).items():
         golds = [R._gold_strings(g) for g in rows]
         for i, gl in enumerate(golds):
@@ -71,6 +115,16 @@ def check_golds(data_dir):
                 n_right += 1
                 if R.reward(resp, rows[i]) != 1.0:
                     failures.append((name, i, "right answer scored 0", model_writes(g), gl))
+                for v in restyled(model_writes(g)):
+                    n_right += 1
+                    if R.reward(f"...</think> \\boxed{{{v}}}", rows[i]) != 1.0:
+                        failures.append((name, i, "restyled right answer scored 0", v, gl))
+                for v in near_misses(model_writes(g)):
+                    if not really_differs(v, gl):
+                        continue
+                    n_near += 1
+                    if R.reward(f"...</think> \\boxed{{{v}}}", rows[i]) != 0.0:
+                        failures.append((name, i, "near miss scored 1", v, gl))
             for k in range(1, len(golds)):  # the next row whose answer really differs
                 other = golds[(i + k) % len(golds)]
                 if other and really_differs(other[0], gl):
@@ -79,7 +133,8 @@ def check_golds(data_dir):
             n_wrong += 1
             if R.reward(resp, rows[i]) != 0.0:
                 failures.append((name, i, "wrong answer scored 1", model_writes(other[0]), gl))
-    print(f"check-golds: {n_right} boxed golds, {n_wrong} different answers, {len(failures)} failures")
+    print(f"check-golds: {n_right} right answers (golds boxed as stored and restyled), {n_wrong} other "
+          f"rows' answers, {n_near} near misses; {len(failures)} failures")
     for f in failures:
         print("  FAIL", f)
     return failures
