@@ -235,8 +235,11 @@ def markdown_table(results, name="ours"):
             cells.append(fmt(r["pass@1"]) + (f" ± {fmt(r['stderr'])}" if r["stderr"] is not None else ""))
     avg = results.get("average")
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(avg) if avg is not None else '–'} |")
+    notes = [f"± is the standard error of pass@1 from sampling {results['config']['n']} responses per problem "
+             "(the problems held fixed)."] if "config" in results else []
     if avg is None and sets:
-        lines.append("\nAvg. is shown only when all five sets were evaluated.")
+        notes.append("Avg. is shown only when all five sets were evaluated.")
+    lines += ([""] + notes) if notes else []
     ks = sorted({k for r in sets.values() for k in r["pass@k"]})
     lines += ["", "| Set | problems | samples/problem | " + " | ".join(f"pass@{k}" for k in ks)
               + " | mean len | len correct | len wrong | truncated | left out |",
@@ -262,9 +265,13 @@ def shard_path(out_jsonl, rank, world_size):
     return f"{stem}.rank{rank}{ext}"
 
 
-def read_records(out_jsonl):
+STAT_FIELDS = ("dataset", "problem_id", "sample", "reward", "length", "finish_reason")
+
+
+def read_records(out_jsonl, compact=False):
     """All records in out_jsonl and its rank shards, keyed (set, problem_id, sample). A line cut
-    short by an interruption is ignored (its chunk is simply sampled again)."""
+    short by an interruption is ignored (its chunk is simply sampled again). compact: only the
+    fields metrics need (a full 32K-token eval holds ~1 GB of response text)."""
     stem, ext = os.path.splitext(out_jsonl)
     records = {}
     for path in [out_jsonl] + sorted(glob.glob(f"{glob.escape(stem)}.rank*{ext}")):
@@ -274,7 +281,8 @@ def read_records(out_jsonl):
             for line in f:
                 try:
                     r = json.loads(line)
-                    records[(r["dataset"], r["problem_id"], r["sample"])] = r
+                    records[(r["dataset"], r["problem_id"], r["sample"])] = (
+                        {k: r[k] for k in STAT_FIELDS} if compact else r)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
     return records
@@ -367,11 +375,12 @@ def as_engine(engine_or_model, tokenizer, cfg, engine_kwargs=None):
     return sample.Engine(engine_or_model, **{**kw, **(engine_kwargs or {})})
 
 
-def run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos):
-    """Sample n responses for each problem of the chunk and grade them -> sample records."""
+def run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos, progress=False):
+    """Sample n responses for each problem of the chunk and grade them -> sample records.
+    progress: the engine's own bar (tokens/s, running sequences) inside the chunk."""
     comps = engine.generate([ids for _, ids in items], max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, seed=chunk_seed(cfg.seed, name, index),
-                            stop_token_ids=eos, progress=False)
+                            stop_token_ids=eos, progress=progress)
     if len(comps) != len(items) * cfg.n:
         raise RuntimeError(f"engine returned {len(comps)} completions for {len(items)} prompts x n={cfg.n}")
     texts = [tokenizer.decode(strip_eos(c.token_ids, eos)) for c in comps]
@@ -422,7 +431,7 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
                 os.remove(meta_path)
         barrier(world_size)
         check_meta(out_jsonl, meta, write=rank == 0)
-        done = read_records(out_jsonl) if resume else {}
+        done = read_records(out_jsonl, compact=True) if resume else {}
 
     total = sum(len(items) for _, _, items in mine) * cfg.n
     bar = make_bar(total, progress and rank == 0)
@@ -433,13 +442,12 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
         if all(have):
             records = have
         else:  # sample the whole chunk again: it is deterministic, so the samples already on disk recur
-            records = run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos)
+            records = run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos, progress and rank == 0)
             new = [r for r in records if (r["dataset"], r["problem_id"], r["sample"]) not in done]
             new_tokens += sum(r["length"] for r in records)
             if path:
                 append_records(path, new)
-        stats += [{k: r[k] for k in ("dataset", "problem_id", "sample", "reward", "length", "finish_reason")}
-                  for r in records]
+        stats += [{k: r[k] for k in STAT_FIELDS} for r in records]
         elapsed = time.perf_counter() - t0
         bar.update(len(records))
         bar.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):,.0f} tok/s")
@@ -447,7 +455,7 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
     elapsed = time.perf_counter() - t0
 
     stats, new_tokens, elapsed = gather(stats, new_tokens, elapsed, world_size)
-    results = {"config": asdict(cfg), "datasets": {}, "throughput": {
+    results = {"config": asdict(cfg), "run_info": run_info or {}, "datasets": {}, "throughput": {
         "generated_tokens": new_tokens, "seconds": elapsed, "tokens_per_s": new_tokens / max(elapsed, 1e-9)}}
     for name in datasets:
         r = summarize([s for s in stats if s["dataset"] == name], ks)
@@ -460,6 +468,7 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
 
 def make_bar(total, enabled):
     from tqdm import tqdm
+    # advances a chunk at a time, for the ETA of the whole eval; the engine's bar shows the chunk in flight
     return tqdm(total=total, unit="sample", desc="eval", disable=not enabled, dynamic_ncols=True)
 
 
