@@ -15,6 +15,7 @@ worker: a signal cannot interrupt sympy stuck in C-level big-integer arithmetic.
 This module imports no torch and no sympy at import time (sympy loads on first symbolic comparison),
 so worker processes stay light.
 """
+import functools
 import json
 import math
 import os
@@ -495,6 +496,7 @@ def _too_big(e, depth=0):
     return False
 
 
+@functools.lru_cache(maxsize=4096)  # golds repeat across a group; sympy trees are immutable
 def _to_sympy(s):
     if len(s) > MAX_SYMPY or "%" in s or s.count("{") > 60:
         raise ValueError("not for sympy")
@@ -651,17 +653,14 @@ class _Worker:
         *lines, self.buf = self.buf.split(b"\n")
         return [json.loads(x) for x in lines if x]
 
-    def kill(self):
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except Exception:
-            pass
+    def kill(self):  # SIGKILL: sympy stuck in C would never see a gentler signal
+        self.proc.kill()
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
-            except Exception:
+            except OSError:  # a dead worker's stdin cannot be flushed
                 pass
+        self.proc.wait()
 
 
 class Grader:
@@ -693,11 +692,7 @@ class Grader:
             w.kill()
         self._workers = []
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    __del__ = close
 
     def grade(self, responses, golds, require_think=True):
         """Rewards (0.0/1.0) for responses against golds, in order."""
@@ -782,22 +777,16 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args(argv)
-    responses, golds = [], []
     with open(args.file) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if "response" not in row or "answer" not in row:
-                    raise SystemExit(f"{args.file}:{n}: row needs 'response' and 'answer' fields")
-                responses.append(row["response"])
-                golds.append(row["answer"])
+        rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    for n, row in rows:
+        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
+            raise SystemExit(f"{args.file}:{n}: row needs 'response' and 'answer' fields")
     t0 = time.time()
     with Grader(args.workers, args.timeout) as grader:
-        scores = grader.grade(responses, golds, require_think=not args.no_think)
-        stats = dict(grader.stats)
-    n = len(scores)
-    print(f"accuracy: {sum(scores):.0f}/{n} = {100 * sum(scores) / max(n, 1):.2f}%  "
-          f"({time.time() - t0:.2f} s; {stats})")
+        scores = grader.grade([r["response"] for _, r in rows], [r["answer"] for _, r in rows], not args.no_think)
+    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
+          f"({time.time() - t0:.2f} s; {dict(grader.stats)})")
 
 
 if __name__ == "__main__":
