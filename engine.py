@@ -425,7 +425,8 @@ class Engine:
         assert not any(s.needs_prefill for s in seqs), "decode step with a sequence still prefilling"
         B, bs = len(seqs), self.block_size
         padded = next(s for s in bucket_sizes(self.max_num_seqs) if s >= B)
-        cols = min(self.max_blocks_per_seq, 1 << (max(len(s.blocks) for s in seqs) - 1).bit_length())
+        # block-table width in steps of 16 blocks: few distinct shapes, little padding for the gather
+        cols = min(self.max_blocks_per_seq, -(-max(len(s.blocks) for s in seqs) // 16) * 16)
         b = self.buf
         last = [s.tokens[-1] for s in seqs]
         pos = [len(s.tokens) - 1 for s in seqs]
