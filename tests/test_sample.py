@@ -306,3 +306,15 @@ def test_request_errors(tiny):
         eng.generate([[5]], max_new_tokens=2, top_p=0)
     with pytest.raises(ValueError, match="KV blocks"):
         Engine(tiny, block_size=4, num_blocks=3, max_model_len=64).generate([list(range(6, 16))], max_new_tokens=8)
+
+
+def test_cli_applies_template_and_reports_speed(tmp_path, monkeypatch, capsys):
+    import sample
+    tiny_checkpoint(tmp_path, seed=4)
+    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(tmp_path), "--prompt", "What is 1+1?",
+                                     "--num-samples", "2", "--max-tokens", "6", "--device", "cpu"])
+    sample.main()
+    out = capsys.readouterr().out
+    assert out.count("=== prompt 0 sample") == 2
+    assert "<｜User｜>What is 1+1? Let's think step by step" in out and "<｜Assistant｜>" in out
+    assert "tokens/s on cpu" in out
