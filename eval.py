@@ -148,7 +148,7 @@ def load_datasets(data_dir, names):
         if not os.path.exists(path):
             raise DataError(f"{path}: test set not found (see README: DeepScaleR's deepscaler/data/test/*.json)")
         datasets[name], skipped[name] = load_dataset(path)
-        for msg in skipped[name]:
+        for msg in skipped[name] if os.environ.get("RANK", "0") == "0" else []:  # once under torchrun
             print(f"warning: {msg}", file=sys.stderr)
     return datasets, skipped
 
@@ -322,7 +322,7 @@ def check_meta(out_jsonl, meta, write):
 # Generation and grading
 
 
-def make_prompts(tokenizer, datasets, cfg):
+def make_prompts(tokenizer, datasets, cfg, verbose=True):
     """Tokenized prompts per set; prompts over max_prompt_tokens are reported and left out (the
     decision depends only on the data, so chunks stay the same across resumes)."""
     prompts, too_long = {}, {}
@@ -332,8 +332,9 @@ def make_prompts(tokenizer, datasets, cfg):
             ids = tokenizer.encode(tokenizer.chat_prompt(row["problem"], think=cfg.think_template))
             if len(ids) > cfg.max_prompt_tokens:
                 too_long[name].append(row["id"])
-                print(f"warning: {name} row {row['id']}: prompt has {len(ids)} tokens > max_prompt_tokens "
-                      f"{cfg.max_prompt_tokens}; left out", file=sys.stderr)
+                if verbose:
+                        print(f"warning: {name} row {row['id']}: prompt has {len(ids)} tokens > max_prompt_tokens "
+                          f"{cfg.max_prompt_tokens}; left out", file=sys.stderr)
             else:
                 prompts[name].append((row, ids))
     return prompts, too_long
@@ -415,7 +416,7 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
     ks = cfg.pass_ks()
     engine = as_engine(engine_or_model, tokenizer, cfg, engine_kwargs)
     eos = list(tokenizer.eos_token_ids)
-    prompts, too_long = make_prompts(tokenizer, datasets, cfg)
+    prompts, too_long = make_prompts(tokenizer, datasets, cfg, verbose=rank == 0)
     mine = [ch for i, ch in enumerate(chunks(prompts, chunk_size)) if i % world_size == rank]
     done, path = {}, None
     if out_jsonl:

@@ -128,6 +128,7 @@ class ScriptedEngine:
         if self.die_after is not None and len(self.calls) >= self.die_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls.append((len(prompts), seed))
+        self.prompts = [self.tok.decode(p) for p in prompts]
         out = []
         for p, ids in enumerate(prompts):
             text = self.tok.decode(ids)
@@ -328,3 +329,12 @@ def test_real_engine_interrupted_then_resumed_equals_one_run(tmp_path, tokenizer
     one, two = E.read_records(str(tmp_path / "one.jsonl")), E.read_records(str(tmp_path / "two.jsonl"))
     assert one == two and len(one) == 8
     assert len({r["response"] for r in one.values()}) > 1  # really sampled, not a constant
+
+
+def test_prompt_template_choice_is_separate_from_grading(tokenizer):
+    datasets = {"aime": E.load_dataset(os.path.join(DATA, "aime.json"))[0]}
+    for think in (True, False, None):  # None follows the checkpoint (the fixture's old template: no <think>)
+        eng = ScriptedEngine(tokenizer)
+        E.evaluate(eng, tokenizer, datasets, n=1, max_tokens=8, think_template=think, require_think=True, progress=False)
+        assert all(p.endswith("<｜Assistant｜><think>\n") == bool(think) for p in eng.prompts)
+        assert eng.prompts[0].startswith("<｜begin▁of▁sentence｜><｜User｜>Find 5*5. Let's think step by step")
