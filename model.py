@@ -217,36 +217,9 @@ def varlen_attention_torch(q, k, v, meta: Varlen, scale):
     return out
 
 
-def write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping):
-    """Scatter new K/V rows [N, Hkv, D] into their cache slots (every slot must be valid: the engine
-    points padded rows of a captured batch at a scratch block)."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-
-
-def paged_attention_torch(q, k_cache, v_cache, meta: Paged, positions, scale):
-    """Reference paged attention: every query attends to the cached keys of its sequence up to its own
-    position. Queries are padded to [B, max_seqlen_q]; keys gathered to [B, max_blocks * block_size].
-    Sync-free (no .item(), no data-dependent shapes), so decode can be graph-captured."""
-    B, max_blocks = meta.block_tables.shape
-    block_size = k_cache.shape[1]
-    N, Hq, D = q.shape
-    # which sequence each new token belongs to, and its row in the padded query tensor
-    token = torch.arange(N, device=q.device)
-    seq = torch.searchsorted(meta.cu_seqlens_q[1:].to(torch.int64), token, right=True)
-    row = seq * meta.max_seqlen_q + (token - meta.cu_seqlens_q.to(torch.int64)[seq])
-    qp = q.new_zeros(B * meta.max_seqlen_q, Hq, D).index_copy_(0, row, q).view(B, meta.max_seqlen_q, Hq, D)
-    qpos = torch.full((B * meta.max_seqlen_q,), -1, dtype=torch.int64, device=q.device)
-    qpos = qpos.index_copy_(0, row, positions.to(torch.int64)).view(B, meta.max_seqlen_q)
-    blocks = meta.block_tables.to(torch.int64)
-    k = k_cache[blocks].flatten(1, 2)  # [B, T, Hkv, D] with T = max_blocks * block_size
-    v = v_cache[blocks].flatten(1, 2)
-    kpos = torch.arange(max_blocks * block_size, device=q.device)
-    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < meta.context_lens[:, None, None].to(torch.int64))
-    mask = mask | (qpos[:, :, None] < 0)  # padded query rows: attend anywhere, result discarded (avoids NaN)
-    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                                       attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-    return o.transpose(1, 2).reshape(B * meta.max_seqlen_q, Hq, D)[row]
+# The paged twins live beside their Triton kernels (kernels/), which kernels.use_triton() swaps in here.
+from kernels.kv_write import write_kv_cache_torch  # noqa: E402
+from kernels.prefill_attention import paged_attention_torch  # noqa: E402
 
 
 def use_flash_attn(x):

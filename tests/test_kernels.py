@@ -1,0 +1,218 @@
+"""Every Triton kernel against its plain-PyTorch twin (kernels/). On CPU the kernels run in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1), so sizes are tiny; on a GPU the same tests run on the
+device. Shapes are odd on purpose: non-power-of-two head dims and block sizes, context lengths at and
+around block boundaries, sequences with empty and full last blocks, GQA groups of 1, 2 and 6."""
+import random
+
+import pytest
+import torch
+
+import model as M
+from fixtures import random_model, tiny_config
+from kernels import paged_attention, triton_enabled, use_triton
+from kernels.decode_attention import decode_attention, decode_attention_torch
+from kernels.kv_write import write_kv_cache, write_kv_cache_torch
+from kernels.prefill_attention import paged_attention_torch, prefill_attention
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def paged_batch(ctx_before, new_counts, block_size, num_blocks, extra_cols=0, seed=0):
+    """Metadata for sequences holding ctx_before tokens that get new_counts more, in scattered blocks."""
+    rng = random.Random(seed)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables, slots, cu, pos = [], [], [0], []
+    width = max(-(-(b + n) // block_size) for b, n in zip(ctx_before, new_counts)) + extra_cols
+    for before, n in zip(ctx_before, new_counts):
+        need = -(-(before + n) // block_size)
+        own = [free.pop() for _ in range(need)]
+        tables.append(own + [rng.randrange(num_blocks) for _ in range(width - need)])  # unused: any valid id
+        slots += [own[p // block_size] * block_size + p % block_size for p in range(before, before + n)]
+        pos += list(range(before, before + n))
+        cu.append(cu[-1] + n)
+    meta = M.Paged(torch.tensor(slots, dtype=torch.int64, device=DEV),
+                   torch.tensor(tables, dtype=torch.int32, device=DEV),
+                   torch.tensor([b + n for b, n in zip(ctx_before, new_counts)], dtype=torch.int32, device=DEV),
+                   torch.tensor(cu, dtype=torch.int32, device=DEV), max(new_counts))
+    return meta, torch.tensor(pos, dtype=torch.int64, device=DEV)
+
+
+def caches(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return (torch.randn(shape, generator=g).to(DEV, dtype), torch.randn(shape, generator=g).to(DEV, dtype))
+
+
+def close(got, want, dtype):
+    # kernels compute in fp32 from the same (upcast) inputs as the fp32 reference: only the output's
+    # rounding to dtype separates them
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+# ----------------------------------------------------------------------------- KV write
+
+
+@pytest.mark.parametrize("dtype,src_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_kv_write_matches_twin(dtype, src_dtype):
+    nb, bs, H, D = 5, 3, 3, 24  # odd block size, heads, head dim
+    kc, vc = caches(nb, bs, H, D, dtype)
+    slots = torch.tensor([0, nb * bs - 1, 7, 3, 8], dtype=torch.int64, device=DEV)  # first, last, any order
+    k = torch.randn(len(slots), H, D, device=DEV).to(src_dtype)
+    v = torch.randn(len(slots), H, D, device=DEV).to(src_dtype)
+    want_k, want_v = kc.clone(), vc.clone()
+    write_kv_cache_torch(k, v, want_k, want_v, slots)
+    write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # a copy: bit for bit
+    assert not torch.equal(kc, caches(nb, bs, H, D, dtype)[0])  # something was written
+
+
+def test_kv_write_into_layer_view_and_empty():
+    L, nb, bs, H, D = 3, 4, 4, 2, 16
+    kc = torch.zeros(L, nb, bs, H, D, device=DEV)
+    vc = torch.zeros_like(kc)
+    k, v = torch.randn(2, H, D, device=DEV), torch.randn(2, H, D, device=DEV)
+    slots = torch.tensor([5, 15], device=DEV)
+    write_kv_cache(k, v, kc[1], vc[1], slots)
+    assert torch.equal(kc[1].view(-1, H, D)[slots], k) and torch.equal(vc[1].view(-1, H, D)[slots], v)
+    assert kc[0].abs().sum() == 0 and kc[2].abs().sum() == 0  # other layers untouched
+    write_kv_cache(k[:0], v[:0], kc[0], vc[0], slots[:0])  # no new rows: a no-op, not an error
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("group", [1, 2, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_twins(group, dtype):
+    bs, Hkv, D = 4, 2, 24
+    # context lengths (incl. the new token) at and around block boundaries: 1, k*bs - 1, k*bs, k*bs + 1
+    ctx = [1, 7, 8, 9, 16]
+    meta, pos = paged_batch([c - 1 for c in ctx], [1] * len(ctx), bs, num_blocks=16, extra_cols=1, seed=group)
+    kc, vc = caches(16, bs, Hkv, D, dtype, seed=1)
+    q = torch.randn(len(ctx), Hkv * group, D, device=DEV).to(dtype)
+    want = paged_attention_torch(q.float(), kc.float(), vc.float(), meta, pos, 0.3)
+    close(decode_attention_torch(q.float(), kc.float(), vc.float(), meta, pos, 0.3), want, torch.float32)
+    for splits in (1, 3):  # 3 splits of a 1-token context: two are empty
+        got = decode_attention(q, kc, vc, meta, pos, 0.3, num_splits=splits)
+        assert got.dtype == dtype
+        close(got, want, dtype)
+
+
+def test_decode_long_context_split_and_missing_query():
+    """Several key tiles per split, a block size that is not a power of two, and a sequence with no
+    new token this step (its output row stays 0, the others are unaffected)."""
+    bs, Hkv, D, G = 5, 1, 16, 2
+    ctx = [37, 1, 23]
+    meta, pos = paged_batch([c - 1 for c in ctx], [1, 1, 1], bs, num_blocks=20, seed=3)
+    kc, vc = caches(20, bs, Hkv, D, torch.float32, seed=2)
+    q = torch.randn(3, G, D, device=DEV)
+    want = paged_attention_torch(q, kc, vc, meta, pos, 0.25)
+    close(decode_attention(q, kc, vc, meta, pos, 0.25, num_splits=2, block_n=16), want, torch.float32)
+    # sequence 1 has no query: cu_seqlens_q = [0, 1, 1, 2], tokens are sequences 0 and 2
+    cu = torch.tensor([0, 1, 1, 2], dtype=torch.int32, device=DEV)
+    meta2 = M.Paged(meta.slot_mapping[[0, 2]], meta.block_tables, meta.context_lens, cu, 1)
+    got = decode_attention(q[[0, 2]], kc, vc, meta2, pos[[0, 2]], 0.25, num_splits=2)
+    close(got, want[[0, 2]], torch.float32)
+    close(decode_attention_torch(q[[0, 2]], kc, vc, meta2, pos[[0, 2]], 0.25), want[[0, 2]], torch.float32)
+
+
+# ----------------------------------------------------------------------------- prefill / extend
+
+
+@pytest.mark.parametrize("group", [1, 2, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_extend_matches_twin(group, dtype):
+    bs, Hkv, D = 4, 2, 24
+    # a fresh prefill, an extend crossing block boundaries (chunked prefill / recompute), an extend
+    # that fills its last block exactly, a decode-like single token and a sequence with no new tokens
+    before = [0, 5, 4, 8, 3]
+    new = [7, 11, 4, 1, 0]
+    meta, pos = paged_batch(before, new, bs, num_blocks=24, seed=group)
+    kc, vc = caches(24, bs, Hkv, D, dtype, seed=4)
+    q = torch.randn(sum(new), Hkv * group, D, device=DEV).to(dtype)
+    want = paged_attention_torch(q.float(), kc.float(), vc.float(), meta, pos, 0.2)
+    got = prefill_attention(q, kc, vc, meta, pos, 0.2)
+    assert got.shape == q.shape and got.dtype == dtype
+    close(got, want, dtype)
+
+
+def test_prefill_several_query_and_key_tiles():
+    bs, Hkv, D, G = 16, 1, 16, 1
+    meta, pos = paged_batch([20, 0], [35, 33], bs, num_blocks=8, seed=5)  # 3 query tiles of 16
+    kc, vc = caches(8, bs, Hkv, D, torch.float32, seed=6)
+    q = torch.randn(68, G, D, device=DEV)
+    close(prefill_attention(q, kc, vc, meta, pos, 0.25), paged_attention_torch(q, kc, vc, meta, pos, 0.25),
+          torch.float32)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+def test_model_with_triton_matches_twins():
+    """The registry swap: prefill, extend and decode through model.forward give the twins' logits."""
+    cfg = tiny_config(num_attention_heads=6, num_key_value_heads=1, hidden_size=96, head_dim=16, num_hidden_layers=2)
+    m = random_model(cfg, seed=7)
+    bs, nb = 4, 12
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (7, 4)]
+    steps = [([0, 0], [4, 3]), ([4, 3], [2, 0]), ([6, 3], [1, 1])]  # prefill, extend, decode
+    results = []
+    for triton in (False, True):
+        previous = use_triton(triton)
+        try:
+            assert triton_enabled() == triton
+            kc = torch.zeros(cfg.num_hidden_layers, nb, bs, cfg.num_key_value_heads, cfg.head_dim)
+            vc = torch.zeros_like(kc)
+            logits = []
+            with torch.no_grad():
+                for before, new in steps:
+                    meta, pos = paged_batch(before, new, bs, nb, seed=9)  # same blocks every step (same seed)
+                    meta = M.Paged(*(t.cpu() for t in (meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                                       meta.cu_seqlens_q)), meta.max_seqlen_q)
+                    ids = torch.cat([s[b:b + n] for s, b, n in zip(seqs, before, new)])
+                    logits.append(m.logits(m(ids, pos.cpu(), meta, (kc, vc))))
+            results.append((logits, kc))
+        finally:
+            M.ATTENTION.update(previous)
+    assert M.ATTENTION["paged"] is paged_attention_torch  # restored
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(results[0][1][0], results[1][1][0])  # layer 0's K: the same rows in the same slots
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_picks_decode_for_one_token():
+    bs, Hkv, D, G = 4, 1, 16, 2
+    meta, pos = paged_batch([3, 8], [1, 1], bs, num_blocks=8)
+    kc, vc = caches(8, bs, Hkv, D, torch.float32)
+    q = torch.randn(2, G, D, device=DEV)
+    close(paged_attention(q, kc, vc, meta, pos, 0.25), paged_attention_torch(q, kc, vc, meta, pos, 0.25),
+          torch.float32)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@cuda_only
+def test_int64_offsets_past_2_pow_31_elements():
+    """A pool past 2^31 elements (4.3 GB of bf16): writes and reads in the last block must land there."""
+    bs, H, D = 16, 2, 128
+    nb = (2**31) // (bs * H * D) + 2
+    kc = torch.zeros(nb, bs, H, D, dtype=torch.bfloat16, device=DEV)
+    vc = torch.zeros_like(kc)
+    last = nb - 1
+    k = torch.randn(bs, H, D, device=DEV, dtype=torch.bfloat16)
+    slots = torch.arange(last * bs, (last + 1) * bs, device=DEV)
+    write_kv_cache(k, k, kc, vc, slots)
+    assert torch.equal(kc[last], k) and kc[last - 1].abs().sum() == 0
+    meta = M.Paged(slots[-1:], torch.tensor([[last]], dtype=torch.int32, device=DEV),
+                   torch.tensor([bs], dtype=torch.int32, device=DEV), torch.tensor([0, 1], dtype=torch.int32, device=DEV), 1)
+    q = torch.randn(1, 12, D, device=DEV, dtype=torch.bfloat16)
+    pos = torch.tensor([bs - 1], device=DEV)
+    want = paged_attention_torch(q.float(), kc[last:].float(), vc[last:].float(),
+                                 M.Paged(meta.slot_mapping, torch.zeros_like(meta.block_tables), meta.context_lens,
+                                         meta.cu_seqlens_q, 1), pos, 0.1)
+    close(decode_attention(q, kc, vc, meta, pos, 0.1), want, torch.bfloat16)
