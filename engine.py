@@ -24,6 +24,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -208,12 +209,14 @@ class Engine:
         params = self._check_request(prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids)
         params.seed = fold_seed(int(seed))
         self.params = params
+        # a fresh block table each call: a call interrupted by an exception leaks nothing into the next
+        self.pool = BlockPool(self.num_blocks)
         self.running, self.waiting, self.finished = [], deque(), []
         for i, prompt in enumerate(prompts):
             # a group never exceeds the running limit, nor a pool that must hold its copies
             group = max(1, min(self.max_num_seqs, self.num_blocks - self._blocks_for(len(prompt)) + 1))
             for s0 in range(0, n, group):
-                self.waiting.append(Sequence(i, s0, prompt, fork=min(n, s0 + group) - s0))
+                self.waiting.append(Sequence(i, s0, [int(t) for t in prompt], fork=min(n, s0 + group) - s0))
         self.stats = dict(preemptions=0, prefix_blocks_shared=0, tokens_generated=0, prefill_tokens=0,
                           prefill_steps=0, decode_steps=0, max_running=0, time=0.0)
         t0 = time.perf_counter()
@@ -248,7 +251,7 @@ class Engine:
             raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         V = self.cfg.vocab_size
         for i, p in enumerate(prompts):
-            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) and 0 <= t < V for t in p):
+            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, Integral) and 0 <= t < V for t in p):
                 raise ValueError(f"generate: prompts[{i}] must be a non-empty list of token ids in [0, {V})")
             if len(p) >= self.max_model_len:
                 raise ValueError(f"generate: prompts[{i}] has {len(p)} tokens; max_model_len is {self.max_model_len}")

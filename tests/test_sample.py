@@ -318,3 +318,25 @@ def test_cli_applies_template_and_reports_speed(tmp_path, monkeypatch, capsys):
     assert out.count("=== prompt 0 sample") == 2
     assert "<｜User｜>What is 1+1? Let's think step by step" in out and "<｜Assistant｜>" in out
     assert "tokens/s on cpu" in out
+
+
+def test_interrupted_call_leaks_nothing(tiny):
+    eng = Engine(tiny, block_size=4, num_blocks=64, ignore_eos=True)
+    calls = 0
+    real = eng._decode_step
+
+    def failing():
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        real()
+    eng._decode_step = failing
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate(prompts_of([9, 14]), max_new_tokens=8, temperature=0)
+    eng._decode_step = real
+    import numpy as np  # numpy token ids are accepted too
+    comps = eng.generate([np.array(p).tolist() for p in prompts_of([9, 14])] + [list(np.arange(6, 10))],
+                         max_new_tokens=8, temperature=0)
+    assert [len(c.token_ids) for c in comps] == [8, 8, 8] and eng.pool.num_free == 64
+    assert eng.generate([list(np.arange(6, 10))], max_new_tokens=3, temperature=0)[0].token_ids == comps[2].token_ids[:3]
