@@ -218,16 +218,19 @@ class Engine:
             for s0 in range(0, n, group):
                 self.waiting.append(Sequence(i, s0, [int(t) for t in prompt], fork=min(n, s0 + group) - s0))
         self.stats = dict(preemptions=0, prefix_blocks_shared=0, tokens_generated=0, prefill_tokens=0,
-                          prefill_steps=0, decode_steps=0, max_running=0, time=0.0)
+                          prefill_steps=0, decode_steps=0, max_running=0, time=0.0, prefill_time=0.0, decode_time=0.0)
         t0 = time.perf_counter()
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(prompts) * n, unit="seq", desc="generate")
         while self.waiting or self.running:
-            done = len(self.finished)
-            if not self._prefill_step():
+            done, t = len(self.finished), time.perf_counter()
+            if self._prefill_step():  # each step ends in a host sync (the sampled tokens): host timing is exact
+                self.stats["prefill_time"] += time.perf_counter() - t
+            else:
                 self._decode_step()
+                self.stats["decode_time"] += time.perf_counter() - t
             self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
             if bar is not None:
                 bar.update(len(self.finished) - done)

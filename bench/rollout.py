@@ -7,7 +7,8 @@ transformers' generate on the same device and beside the memory-bandwidth limit.
     python bench/rollout.py --batches 1,64 --contexts 1024 --gen 64 --no-hf
 
 Each cell: B prompts of `context` random tokens, one sample each, `gen` new tokens.
-  decode tok/s  = B * (gen - 1) / (time(gen) - time(1))   (prefill and the first token cancel out)
+  decode tok/s  engine: B * (gen - 1) / time in decode steps (engine.stats; the first token comes from prefill)
+                transformers: B * (gen - 1) / (time(gen) - time(1))
   e2e tok/s     = B * gen / time(gen)                      (prefill included)
   limit tok/s   = B / ((weight bytes + KV bytes read per step) / measured bandwidth), KV at the mean
                   context of the decode (context + gen / 2); the ceiling a decode step cannot beat.
@@ -71,10 +72,10 @@ def timed(fn, device):
 def bench_engine(engine, prompts, gen, device):
     kw = dict(temperature=1.0, top_p=1.0, seed=0)
     engine.generate(prompts[:1], max_new_tokens=2, **kw)  # warm-up
-    t1 = timed(lambda: engine.generate(prompts, max_new_tokens=1, **kw), device)
     tg = timed(lambda: engine.generate(prompts, max_new_tokens=gen, **kw), device)
-    assert engine.stats["tokens_generated"] == len(prompts) * gen
-    return len(prompts) * (gen - 1) / (tg - t1), len(prompts) * gen / tg, engine.stats["preemptions"]
+    st = engine.stats
+    assert st["tokens_generated"] == len(prompts) * gen
+    return len(prompts) * (gen - 1) / st["decode_time"], len(prompts) * gen / tg, st["preemptions"]
 
 
 def hf_twin(model, device, dtype):
