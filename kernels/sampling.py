@@ -28,6 +28,8 @@ filtering: the quantity the trainer recomputes. T = 0 is greedy (argmax over ids
 the log-prob under T = 1.
 """
 import torch
+import triton
+import triton.language as tl
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -108,3 +110,84 @@ def sample_torch(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx
         score = score.masked_fill(~filter_mask(z, top_p, top_k), float("-inf"))
     tokens = torch.where(greedy, z.argmax(-1), score.argmax(-1))
     return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# The fused Triton kernel
+
+
+@triton.jit
+def _hash_step(h, x):
+    """step(h, x) of the module docstring on uint32 (wrapping arithmetic is the mod 2^32)."""
+    x = (h ^ x) + 0x9E3779B9
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, s_row, temp_ptr, seed_ptr, prompt_ptr, sidx_ptr, pos_ptr, tok_ptr, lp_ptr,
+                   V, vocab_limit, BLOCK_V: tl.constexpr):
+    """One program per row, one pass over the vocabulary: temperature, log-sum-exp (for the log-prob),
+    the counter-based uniforms and the exponential race with a running first-index argmax."""
+    r = tl.program_id(0)
+    t = tl.load(temp_ptr + r)
+    greedy = t <= 0
+    div = tl.where(greedy, 1.0, t)
+    lane = tl.arange(0, 1)  # [1]-shaped scalars: the interpreter is happier with vectors
+    key = tl.zeros([1], tl.uint32)
+    key = _hash_step(key, (tl.load(seed_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
+    key = _hash_step(key, (tl.load(prompt_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
+    key = _hash_step(key, (tl.load(sidx_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
+    key = _hash_step(key, (tl.load(pos_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
+    row = logits_ptr + r.to(tl.int64) * s_row
+    m = tl.full([1], float("-inf"), tl.float32)
+    s = tl.zeros([1], tl.float32)
+    best = tl.full([1], float("-inf"), tl.float32)
+    best_id = tl.zeros([1], tl.int32)
+    best_z = tl.zeros([1], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        ids = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(row + ids, mask=ids < V, other=float("-inf")).to(tl.float32)
+        z = tl.math.div_rn(z, div)  # IEEE division, as torch's
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        h = _hash_step(key, ids.to(tl.uint32))
+        u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
+        score = tl.where(greedy, z, z - tl.log(-tl.log(u)))
+        score = tl.where(ids < vocab_limit, score, float("-inf"))
+        c_best = tl.max(score, axis=0)
+        c_id = tl.argmax(score, axis=0)  # first index among ties, as torch.argmax
+        c_z = tl.sum(tl.where(ids == v0 + c_id, z, 0.0), axis=0)
+        better = c_best > best  # strictly: an earlier chunk wins ties
+        best_id = tl.where(better, v0 + c_id, best_id)
+        best_z = tl.where(better, c_z, best_z)
+        best = tl.where(better, c_best, best)
+    tl.store(tok_ptr + r + lane, best_id.to(tl.int64))
+    tl.store(lp_ptr + r + lane, best_z - (m + tl.log(s)))
+
+
+def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, position, vocab_limit=None,
+           filtered=None, block_v=None):
+    """Triton version of sample_torch (same arguments, same tokens). Rows with top-p/top-k go through
+    the twin's filter (one sort per row); everything else is one fused pass per row."""
+    if filtered is None:
+        filtered = bool(((top_p < 1) | (top_k > 0)).any())
+    if filtered:  # the fused kernel has no top-p/top-k yet
+        return sample_torch(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, position,
+                            vocab_limit, filtered=True)
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
+    if B == 0:
+        return tokens, logprobs
+    block_v = block_v or (4096 if logits.is_cuda else 32768)  # the interpreter pays per op, not per element
+    _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), seed, prompt_idx, sample_idx,
+                         position, tokens, logprobs, V, V if vocab_limit is None else min(vocab_limit, V),
+                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=8 if logits.is_cuda else 1)
+    return tokens, logprobs

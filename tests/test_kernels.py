@@ -216,3 +216,65 @@ def test_int64_offsets_past_2_pow_31_elements():
                                  M.Paged(meta.slot_mapping, torch.zeros_like(meta.block_tables), meta.context_lens,
                                          meta.cu_seqlens_q, 1), pos, 0.1)
     close(decode_attention(q, kc, vc, meta, pos, 0.1), want, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling_rows(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ints = lambda hi: torch.randint(0, hi, (B,), generator=g).to(DEV)
+    return dict(top_p=torch.ones(B, device=DEV), top_k=torch.zeros(B, dtype=torch.int64, device=DEV),
+                seed=ints(2**62) * 3, prompt_idx=ints(1000), sample_idx=ints(64),
+                position=ints(2**33))  # wide seeds and positions: the hash takes them mod 2^32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_kernel_matches_twin(dtype):
+    from kernels.sampling import sample, sample_torch
+    B, V = 24, 3001  # three chunks of 1024 with a ragged last one
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(B, V, generator=g) * 4).to(DEV, dtype)
+    temperature = torch.tensor([1.0, 0.6, 0.0, 1.7] * (B // 4), device=DEV)
+    rows = sampling_rows(B)
+    for limit in (None, 2990):
+        want = sample_torch(logits, temperature, **rows, vocab_limit=limit, filtered=False)
+        got = sample(logits, temperature, **rows, vocab_limit=limit, filtered=False, block_v=1024)
+        assert torch.equal(got[0], want[0])  # same tokens
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        if limit:
+            assert int(got[0].max()) < limit
+
+
+def test_sampling_kernel_ties_limit_and_draw_distribution():
+    from kernels.sampling import sample, sample_torch
+    B, V = 8, 300
+    # greedy on exact ties: the first index wins, also across chunk boundaries (ids 10, 100, 299 tie)
+    logits = torch.zeros(B, V, device=DEV)
+    logits[:, [10, 100, 299]] = 5.0
+    logits[:, 295] = 9.0  # the largest, but past vocab_limit
+    zero = torch.zeros(B, device=DEV)
+    rows = sampling_rows(B, seed=2)
+    tok, lp = sample(logits, zero, **rows, vocab_limit=290, filtered=False, block_v=64)
+    assert tok.tolist() == [10] * B
+    torch.testing.assert_close(lp, sample_torch(logits, zero, **rows, vocab_limit=290)[1])
+    # T = 1 on 3 tokens: many draws follow softmax (a broken hash or race would skew this)
+    n = 64
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2], device=DEV)).repeat(n, 1)
+    rows = sampling_rows(n, seed=3)
+    tok, _ = sample(logits, torch.ones(n, device=DEV), **rows, filtered=False)
+    assert torch.equal(tok, sample_torch(logits, torch.ones(n, device=DEV), **rows)[0])
+    counts = torch.bincount(tok, minlength=3).float() / n
+    assert (counts - torch.tensor([0.5, 0.3, 0.2], device=DEV)).abs().max() < 0.2
+
+
+def test_sampling_filtered_rows_use_twin():
+    from kernels.sampling import sample, sample_torch
+    B, V = 4, 500
+    logits = torch.randn(B, V, device=DEV)
+    rows = sampling_rows(B, seed=4)
+    rows["top_p"] = torch.full((B,), 0.9, device=DEV)
+    rows["top_k"] = torch.tensor([0, 5, 50, 1], device=DEV)
+    t = torch.full((B,), 0.7, device=DEV)
+    got, want = sample(logits, t, **rows), sample_torch(logits, t, **rows)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
