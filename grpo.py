@@ -73,6 +73,15 @@ def _mm_f32(a, b):
     return (a @ b).float()
 
 
+def _mm_acc(acc, a, b):
+    """acc + a @ b in float32; acc None starts the sum (no zero-filled buffer)."""
+    if acc is None:
+        return _mm_f32(a, b)
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    return acc.add_(_mm_f32(a, b))
+
+
 def _tile_logits(h, w, inv_temp):
     """Float32 logits [tokens, vocab slice] of one tile, already divided by the temperature."""
     z = _mm_f32(h, w.t())
@@ -134,12 +143,12 @@ class _TokenLogprobs(torch.autograd.Function):
         g = (grad_logp.float() if grad_logp is not None else torch.zeros_like(lse)) * inv_t
         ge = grad_ent.float() * inv_t if grad_ent is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.empty_like(weight) if need_w else None
+        grad_w = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if need_w else None
         # vocabulary outermost: each weight slice's gradient is complete after one sweep over the tokens, so its
         # float32 accumulator is a slice (not a 0.9 GB copy of the whole lm_head) and is cast only once
         for v0 in range(0, vocab, cv):
             w = weight[v0:v0 + cv]
-            acc_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            acc_w = None
             for t0 in range(0, n, ct):
                 h, y, g_c = hidden[t0:t0 + ct], targets[t0:t0 + ct], g[t0:t0 + ct]
                 log_p = _tile_logits(h, w, inv_t).sub_(lse[t0:t0 + ct, None])
@@ -153,10 +162,12 @@ class _TokenLogprobs(torch.autograd.Function):
                 dz.scatter_add_(1, col[:, None], torch.where(inside, g_c, 0.0)[:, None])
                 dz = dz.to(hidden.dtype)
                 if need_h:
-                    grad_h[t0:t0 + ct] += _mm_f32(dz, w)
-                if need_w:
-                    acc_w += _mm_f32(dz.t(), h)
-            if need_w:
+                    _mm_acc(grad_h[t0:t0 + ct], dz, w)
+                if need_w and n <= ct:  # one token chunk: nothing to accumulate, write the slice directly
+                    torch.mm(dz.t(), h, out=grad_w[v0:v0 + cv])
+                elif need_w:
+                    acc_w = _mm_acc(acc_w, dz.t(), h)
+            if acc_w is not None:
                 grad_w[v0:v0 + cv] = acc_w
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         return grad_h, grad_w, None, None, None, None, None

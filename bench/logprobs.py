@@ -4,13 +4,17 @@ Token log-probs of the lm_head: grpo.token_logprobs (tiled, logits never materia
 
 For each implementation, in a fresh process: forward+backward time (median), no-grad forward time (the
 reference / old-policy pass), and peak memory beyond the inputs and their gradients (CUDA: the allocator's
-peak; CPU: peak RSS, with glibc told to return large blocks on free so RSS tracks live tensors).
+peak; CPU: peak RSS, with glibc told to return large blocks on free so RSS tracks live tensors). Memory is
+peak - (inputs + gradients), as the issue states the target: for small N the weight gradient (V x H) is alive at
+the naive version's peak and hides part of its logits.
 
     python bench/logprobs.py                  # CPU-sized default: N=512 tokens, H=1536, V=151936, bf16
     python bench/logprobs.py --full           # the real micro-batch: N=16384 (needs a GPU)
     python bench/logprobs.py --n 2048 --skip naive
 """
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -60,6 +64,8 @@ def worker(a):
         if a.device != "cuda":
             print(json.dumps({"impl": "liger", "skipped": "Triton kernel, CUDA only"}))
             return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     fn = {"ours": lambda h, w, y: token_logprobs(h, w, y, chunk_tokens=a.chunk_tokens, chunk_vocab=a.chunk_vocab),
           "naive": naive, "liger": liger}[a.impl]
@@ -74,28 +80,34 @@ def worker(a):
         (fn(h, w, y) * g[:1 if a.impl == "liger" else a.n]).sum().backward()
 
     step()  # warm-up: libraries, kernels, allocator
-    _sync(a.device)
+    times, cpu = [], []
+    for _ in range(a.reps):
+        _sync(a.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        _sync(a.device)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # CPU seconds of all threads: steadier than wall time on a busy box
+    # peak of one more step, from a baseline holding just the inputs, minus the gradients it leaves behind
     grad_mb = (h.numel() + w.numel()) * h.element_size() / 2**20
     h.grad = w.grad = None
-    # the peak over the timed steps, from a baseline holding just the inputs
     if a.device == "cuda":
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        step()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20 - grad_mb
     else:
+        # glibc keeps freed blocks resident for reuse, so RSS would miss allocations that land on them: from here
+        # on every block over 64 KiB is its own mapping, returned on free (set only now: it slows allocation)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        gc.collect()
+        libc.malloc_trim(0)  # hand the free heap pages back, so reusing them shows up in RSS again
         base = _rss_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-    times = []
-    for _ in range(a.reps):
-        _sync(a.device)
-        t0 = time.perf_counter()
         step()
-        _sync(a.device)
-        times.append(time.perf_counter() - t0)
-    if a.device == "cuda":
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20 - grad_mb
-    else:
         extra = (_rss_kb("VmHWM") - base) / 1024 - grad_mb
     fwd = []
     with torch.no_grad():
@@ -105,7 +117,8 @@ def worker(a):
             out = fn(h, w, y)
             _sync(a.device)
             fwd.append(time.perf_counter() - t0)
-    res = {"impl": a.impl, "fwd_bwd_s": statistics.median(times), "fwd_nograd_s": statistics.median(fwd),
+    res = {"impl": a.impl, "fwd_bwd_s": statistics.median(times), "fwd_bwd_cpu_s": statistics.median(cpu),
+           "fwd_nograd_s": statistics.median(fwd),
            "extra_mb": extra}
     if a.impl != "liger":  # agreement with float64 on a few tokens
         k = min(a.n, 64)
@@ -125,6 +138,7 @@ def main():
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--chunk-tokens", type=int, default=None)
     p.add_argument("--chunk-vocab", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--skip", nargs="*", default=[], choices=IMPLS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)  # internal: run one in this process
     a = p.parse_args()
@@ -132,25 +146,27 @@ def main():
         a.n = 16384
     if a.impl:
         return worker(a)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for impl in IMPLS:
         if impl in a.skip:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--n", str(a.n), "--hidden", str(a.hidden),
                "--vocab", str(a.vocab), "--dtype", a.dtype, "--device", a.device, "--reps", str(a.reps)]
+        cmd += ["--threads", str(a.threads)] if a.threads else []
         cmd += ["--chunk-tokens", str(a.chunk_tokens)] if a.chunk_tokens else []
         cmd += ["--chunk-vocab", str(a.chunk_vocab)] if a.chunk_vocab else []
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             err = (out.stderr.strip().splitlines() or ["?"])[-1]
             rows.append({"impl": impl, "skipped": f"failed: {err[:80]}"})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"token log-probs: N={a.n} H={a.hidden} V={a.vocab} {a.dtype} on {dev}, torch {torch.__version__}")
     print(f"logits alone would be {a.n * a.vocab * 4 / 2**30:.2f} GiB in float32")
-    print(f"{'impl':<8}{'fwd+bwd s':>11}{'fwd s':>9}{'extra MiB':>11}{'vs naive':>10}{'err vs fp64':>13}")
+    print(f"{'impl':<8}{'fwd+bwd s':>11}{'cpu s':>9}{'fwd s':>9}{'extra MiB':>11}{'vs naive':>10}{'err vs fp64':>13}")
     naive_t = next((r["fwd_bwd_s"] for r in rows if r["impl"] == "naive" and "skipped" not in r), None)
     for r in rows:
         if "skipped" in r:
@@ -158,7 +174,7 @@ def main():
             continue
         rel = f"{r['fwd_bwd_s'] / naive_t:.2f}x" if naive_t else "-"
         err = f"{r['max_abs_err_vs_fp64']:.1e}" if "max_abs_err_vs_fp64" in r else "-"
-        print(f"{r['impl']:<8}{r['fwd_bwd_s']:>11.3f}{r['fwd_nograd_s']:>9.3f}{r['extra_mb']:>11.0f}{rel:>10}{err:>13}")
+        print(f"{r['impl']:<8}{r['fwd_bwd_s']:>11.3f}{r['fwd_bwd_cpu_s']:>9.2f}{r['fwd_nograd_s']:>9.3f}{r['extra_mb']:>11.0f}{rel:>10}{err:>13}")
 
 
 if __name__ == "__main__":

@@ -120,13 +120,14 @@ def test_token_logprobs_shapes_and_requires_grad():
     assert token_logprobs(h[0], w, torch.tensor([0, 1, 2, 3, 30])).isnan().tolist() == [False] * 4 + [True]
 
 
-def test_token_logprobs_bf16():
+@pytest.mark.parametrize("ct", [7, None])  # several token chunks (float32 accumulator) or one (direct write)
+def test_token_logprobs_bf16(ct):
     torch.manual_seed(3)
     n, hd, v = 24, 32, 200
     h = torch.randn(n, hd).bfloat16().requires_grad_()
     w = (0.3 * torch.randn(v, hd)).bfloat16().requires_grad_()
     y = torch.randint(0, v, (n,))
-    lp, ent = token_logprobs(h, w, y, return_entropy=True, chunk_tokens=7, chunk_vocab=50)
+    lp, ent = token_logprobs(h, w, y, return_entropy=True, chunk_tokens=ct, chunk_vocab=50)
     (lp.sum() + ent.sum()).backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     lp_ref, ent_ref = ref_logprobs(h64, w64, y, 1.0)
