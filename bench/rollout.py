@@ -102,6 +102,26 @@ def bench_hf(hf, prompts, gen, device):
     return len(prompts) * (gen - 1) / (tg - t1), len(prompts) * gen / tg
 
 
+def stress(model, device, args):
+    """A GRPO-shaped call: P prompts x n samples with EOS live, a pool too small for all of them at once:
+    continuous batching and preemption as normal operation. Prints the engine's stats."""
+    P, n, gen = args.stress
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(16, 128, (P,), generator=g).tolist()
+    prompts = [torch.randint(2, model.config.vocab_size, (k,), generator=g).tolist() for k in lens]
+    blocks = max(-(-(max(lens) + gen) // 16) + 1, args.stress_blocks)
+    engine = Engine(model, num_blocks=blocks, max_num_seqs=256, max_model_len=max(lens) + gen,
+                    eos_token_ids=list(range(2, 2 + args.stress_eos)))
+    comps = engine.generate(prompts, max_new_tokens=gen, temperature=1.0, n=n, seed=0)
+    lengths = [len(c.token_ids) for c in comps]
+    st = engine.stats
+    print(f"\nstress: {P} prompts x {n} = {len(comps)} responses, {blocks} blocks x 16 in the pool, "
+          f"lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), "
+          f"{sum(c.finish_reason == 'stop' for c in comps)} stopped on EOS")
+    print("| " + " | ".join(st) + " |\n|" + "---|" * len(st))
+    print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in st.values()) + " |")
+
+
 def fmt(x):
     return x if isinstance(x, str) else f"{x:,.0f}"
 
@@ -116,6 +136,10 @@ def main():
     ap.add_argument("--gen", type=int, default=None, help="new tokens per sample (default 128 GPU, 16 CPU)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--stress", type=int, nargs=3, metavar=("PROMPTS", "N", "GEN"), default=None,
+                    help="instead of the grid: one GRPO-shaped call with EOS live and a small pool")
+    ap.add_argument("--stress-blocks", type=int, default=512)
+    ap.add_argument("--stress-eos", type=int, default=4, help="ids 2..2+k-1 act as EOS (random weights)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -131,6 +155,8 @@ def main():
     with torch.device("meta"):
         model = M.Qwen2(cfg)
     model = M.init_weights(model.to_empty(device=device), std=0.02).to(dtype)
+    if args.stress:
+        return stress(model, device, args)
     bw = measure_bandwidth(device, dtype)
     wbytes = weight_bytes_per_step(model)
     max_len = max(contexts) + gen
