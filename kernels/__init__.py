@@ -25,7 +25,8 @@ def paged_attention(q, k_cache, v_cache, meta, positions, scale):
 
 def use_triton(enable=True):
     """Swap model.ATTENTION's paged entries for the Triton kernels (enable=False restores the twins).
-    Returns the previous registry so a caller can restore it. Needs CUDA, or TRITON_INTERPRET=1 set
+    Returns the previous registry so a caller can restore it. The registry is module-level: this affects
+    every model in the process (training's Varlen path does not use these entries). Needs CUDA, or TRITON_INTERPRET=1 set
     before the kernels were first imported."""
     import model as M
     from kernels.kv_write import write_kv_cache, write_kv_cache_torch
@@ -41,3 +42,20 @@ def use_triton(enable=True):
 def triton_enabled():
     import model as M
     return M.ATTENTION["paged"] is paged_attention
+
+
+def enabled_for(device):
+    """Whether an engine on `device` should use the kernels and CUDA graphs: on CUDA unless the
+    environment says NANOSCALER_KERNELS=0 (the escape hatch back to the PyTorch twins)."""
+    import os
+    return device.type == "cuda" and os.environ.get("NANOSCALER_KERNELS", "1") != "0"
+
+
+def setup_engine(engine):
+    """The engine's hook (engine.py calls it on CUDA): Triton attention in the registry, the fused
+    sampler, and decode steps captured once per batch-size bucket with the block table at full width
+    (the kernels read only up to each context length). Returns (sampler, graphs)."""
+    from kernels.cuda_graphs import DecodeGraphs
+    from kernels.sampling import sample
+    use_triton()
+    return sample, DecodeGraphs(lambda bs: engine._run_decode(bs, engine.max_blocks_per_seq))

@@ -287,26 +287,52 @@ def test_engine_greedy_unchanged_with_kernels():
     """Greedy completions through the engine (chunked prefill, prefix sharing, preemption by recompute)
     are the same with the Triton kernels as with the twins; the fused sampler draws the same tokens."""
     from engine import Engine
-    import engine as E
     from kernels.sampling import sample
     cfg = tiny_config(num_attention_heads=6, num_key_value_heads=1, hidden_size=96, head_dim=16)
     m = random_model(cfg, seed=11)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 13)]
 
-    def run():
+    def run(triton):
         eng = Engine(m, block_size=4, num_blocks=10, max_num_seqs=8, max_model_len=32, max_prefill_tokens=8,
                      ignore_eos=True)
+        if triton:
+            eng.sampler = sample  # what kernels.setup_engine installs on CUDA
         out = eng.generate(prompts, max_new_tokens=8, temperature=0.0, n=3)
         return [c.token_ids for c in out], eng.stats
 
-    want, _ = run()
-    previous, sampler = use_triton(), E.sample_torch
-    E.sample_torch = lambda *a, **kw: sample(*a, **kw)  # the engine's sampler, swapped for the kernel
+    want, _ = run(False)
+    previous = use_triton()
     try:
-        got, stats = run()
+        got, stats = run(True)
     finally:
         M.ATTENTION.update(previous)
-        E.sample_torch = sampler
     assert got == want
     assert stats["preemptions"] > 0 and stats["prefix_blocks_shared"] > 0  # the hard paths ran
+
+
+@cuda_only
+def test_engine_cuda_graphs_greedy_unchanged(monkeypatch):
+    """On CUDA the engine turns on the kernels, the fused sampler and CUDA graphs by itself: greedy
+    completions equal the twins' (NANOSCALER_KERNELS=0), through replays of captured buckets."""
+    from engine import Engine
+    cfg = tiny_config(num_attention_heads=12, num_key_value_heads=2, hidden_size=192, head_dim=16)
+    m = random_model(cfg, seed=12).to(DEV)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    previous = dict(M.ATTENTION)
+    try:
+        monkeypatch.setenv("NANOSCALER_KERNELS", "0")
+        ref = Engine(m, block_size=16, num_blocks=64, max_num_seqs=8, ignore_eos=True)
+        assert ref.graphs is None
+        want = ref.generate(prompts, max_new_tokens=24, temperature=0.0, n=2)
+        monkeypatch.setenv("NANOSCALER_KERNELS", "1")
+        eng = Engine(m, block_size=16, num_blocks=64, max_num_seqs=8, ignore_eos=True)
+        assert triton_enabled() and eng.graphs is not None
+        got = eng.generate(prompts, max_new_tokens=24, temperature=0.0, n=2)
+        assert len(eng.graphs.graphs) > 0
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        got2 = eng.generate(prompts, max_new_tokens=24, temperature=0.0, n=2)  # replays only
+        assert [c.token_ids for c in got2] == [c.token_ids for c in want]
+    finally:
+        M.ATTENTION.update(previous)
