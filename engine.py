@@ -29,6 +29,7 @@ from numbers import Integral
 import torch
 
 import model as M
+import kernels
 from kernels.sampling import fold_seed, sample_torch
 
 
@@ -142,6 +143,9 @@ class Engine:
         self._alloc_decode_buffers()
         self.running, self.waiting, self.finished = [], deque(), []
         self.stats = {}
+        self.sampler, self.graphs = sample_torch, None  # CPU: the PyTorch twins
+        if kernels.enabled_for(self.device):  # CUDA: Triton kernels, fused sampler, decode in CUDA graphs
+            self.sampler, self.graphs = kernels.setup_engine(self)
 
     # ------------------------------------------------------------------ setup
 
@@ -446,7 +450,7 @@ class Engine:
         for i, s in enumerate(seqs):
             tables[i, :len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
         b["block_tables"][:padded, :cols].copy_(tables)
-        logits = self._run_decode(padded, cols)
+        logits = self._run_decode(padded, cols) if self.graphs is None else self.graphs(padded)
         for s in seqs:
             s.num_cached += 1
         tokens, logprobs = self._sample(logits[:B], [(s.prompt_index, s.sample_index, len(s.tokens)) for s in seqs])
@@ -476,7 +480,7 @@ class Engine:
         else:  # a leader's first tokens for a group wider than the decode buffers
             args = {k: torch.tensor(v, dtype=b[k].dtype, device=self.device) for k, v in rows.items()}
         filtered = p.temperature > 0 and (p.top_p < 1 or p.top_k > 0)
-        tokens, logprobs = sample_torch(logits, args["temperature"], args["top_p"], args["top_k"], args["seed"],
+        tokens, logprobs = self.sampler(logits, args["temperature"], args["top_p"], args["top_k"], args["seed"],
                                         args["prompt_idx"], args["sample_idx"], args["position"], self.vocab_limit,
                                         filtered=filtered)
         return tokens.tolist(), logprobs.tolist()
