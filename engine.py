@@ -327,11 +327,13 @@ class Engine:
                 if self._grow(seq, seq.num_cached + take):
                     batch.append((seq, take))
                     budget -= take
-        watermark = max(1, self.num_blocks // 100)  # leave room for running sequences to grow
+        watermark = max(1, self.num_blocks // 100)
         occupied = sum(s.fork for s in self.running)  # a leader still prefilling will become `fork` sequences
         while self.waiting and budget > 0 and occupied + self.waiting[0].fork <= self.max_num_seqs:
             seq = self.waiting[0]
-            need = self._admit_cost(seq) + (watermark if self.running else 0)
+            # leave every running sequence (the new ones too) a block to grow into, so an admission is not
+            # undone by a preemption a few steps later (recompute thrash when the pool is tight)
+            need = self._admit_cost(seq) + (max(watermark, occupied + seq.fork) if self.running else 0)
             if need > self.pool.num_free:
                 break
             self.waiting.popleft()
