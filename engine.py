@@ -111,6 +111,17 @@ def bucket_sizes(max_num_seqs):
 
 
 class Engine:
+    """Lives for the whole run: the KV pool is allocated once here, never per call.
+
+    num_blocks / memory_budget (bytes) / gpu_memory_fraction size the pool (see _blocks_from_budget);
+    max_num_seqs bounds the running batch (and the decode buffers); max_model_len bounds prompt +
+    response (default: the config's limit or the pool, whichever is smaller); max_prefill_tokens is
+    the per-step prefill budget (chunked prefill); vocab_limit = tokenizer.vocab_size (ids >= it are
+    never sampled); EOS ids come from the config unless eos_token_ids is given; ignore_eos for benchmarks.
+    After each generate(), self.stats holds that call's preemptions, prefix_blocks_shared,
+    tokens_generated, prefill_tokens (recomputation included), prefill/decode steps, max_running,
+    and time / prefill_time / decode_time in seconds."""
+
     def __init__(self, model: M.Qwen2, *, block_size=16, num_blocks=None, memory_budget=None,
                  gpu_memory_fraction=0.9, max_num_seqs=256, max_model_len=None, max_prefill_tokens=None,
                  vocab_limit=None, eos_token_ids=None, ignore_eos=False):
