@@ -8,7 +8,7 @@ transformers' generate on the same device and beside the memory-bandwidth limit.
 
 Each cell: B prompts of `context` random tokens, one sample each, `gen` new tokens.
   decode tok/s  engine: B * (gen - 1) / time in decode steps (engine.stats; the first token comes from prefill)
-                transformers: B * (gen - 1) / (time(gen) - time(1))
+                transformers: B * (gen - 1) / (time of its last step's logits - time of its first)
   e2e tok/s     = B * gen / time(gen)                      (prefill included)
   limit tok/s   = B / ((weight bytes + KV bytes read per step) / measured bandwidth), KV at the mean
                   context of the decode (context + gen / 2); the ceiling a decode step cannot beat.
@@ -90,16 +90,33 @@ def hf_twin(model, device, dtype):
 
 
 def bench_hf(hf, prompts, gen, device):
+    """Decode time from timestamps taken at each step's logits (the first right after prefill)."""
+    import transformers
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
+    class Clock(transformers.LogitsProcessor):
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            sync(device)
+            self.stamps.append(time.perf_counter())
+            return scores
+
     def run(n):
+        clock = Clock()
         with torch.no_grad():
-            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    run(1)  # warm-up
-    t1 = timed(lambda: run(1), device)
-    tg = timed(lambda: run(gen), device)
-    return len(prompts) * (gen - 1) / (tg - t1), len(prompts) * gen / tg
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0, logits_processor=transformers.LogitsProcessorList([clock]))
+        return clock.stamps
+    run(2)  # warm-up
+    t0 = time.perf_counter()
+    stamps = run(gen)
+    sync(device)
+    tg = time.perf_counter() - t0
+    assert len(stamps) == gen
+    return len(prompts) * (gen - 1) / (stamps[-1] - stamps[0]), len(prompts) * gen / tg
 
 
 def stress(model, device, args):
