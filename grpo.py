@@ -52,24 +52,23 @@ def expand_to_tokens(values, cu_seqlens):
 # Token log-probs without materialised logits
 
 _TILE_BYTES = 128 * 2**20  # one float32 tile of logits; forward/backward hold about three at once
-_mm_out_dtype_ok = {}      # device type -> whether torch.mm(..., out_dtype=float32) works there
+_cuda_out_dtype = True     # whether torch.mm(..., out_dtype=float32) works here (torch >= 2.8-ish on CUDA)
 
 
 def _mm_f32(a, b):
     """a @ b as float32. 16-bit inputs go through the tensor cores with float32 accumulation; where torch can
     hand back that accumulator (CUDA, mm's out_dtype) we skip rounding every logit to bf16 first, which would
     cost ~|logit| * 2^-9 of log-prob accuracy."""
+    global _cuda_out_dtype
     if a.dtype == torch.float32:
         return a @ b
-    dev = a.device.type
-    if dev == "cuda" and dev not in _mm_out_dtype_ok:
-        try:  # older torch has no out_dtype: probe once on a tiny product
-            torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
-            _mm_out_dtype_ok[dev] = True
-        except (TypeError, RuntimeError):
-            _mm_out_dtype_ok[dev] = False
-    if _mm_out_dtype_ok.get(dev, False):
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda and _cuda_out_dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # this torch has no out_dtype: round to bf16, then widen
+            _cuda_out_dtype = False
     return (a @ b).float()
 
 
