@@ -271,6 +271,13 @@ def _check_shapes(logp, old_logp, ref_logp, advantages, mask, entropy):
                          f"logp {tuple(logp.shape)}, or per-token [N] for packed")
 
 
+def _masked_extreme(x, m, reduce):
+    """max or min of x over the mask; 1.0 (a neutral ratio) when the mask is empty, even for 0 tokens."""
+    fill = -torch.inf if reduce is torch.amax else torch.inf
+    vals = torch.cat([torch.where(m, x, fill).reshape(-1), x.new_full((1,), fill)])
+    return torch.where(m.any(), reduce(vals), 1.0)
+
+
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.001, entropy=None,
                 entropy_coef=0.0, *, clip_eps_high=None, dual_clip_c=None, loss_agg="token-mean",
                 normaliser=None, max_len=None, cu_seqlens=None):
@@ -328,8 +335,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coe
         metrics = {"tokens": n, "pg_loss": mean(pg_term),
                    "clip_frac": mean((surr_clipped > surr).float()),
                    "ratio_mean": mean(ratio),
-                   "ratio_max": torch.where(n > 0, torch.where(m, ratio, -torch.inf).max(), 1.0),
-                   "ratio_min": torch.where(n > 0, torch.where(m, ratio, torch.inf).min(), 1.0),
+                   "ratio_max": _masked_extreme(ratio, m, torch.amax),
+                   "ratio_min": _masked_extreme(ratio, m, torch.amin),
                    "approx_kl_old": mean(old - logp)}
         if dual_clip_c is not None:
             metrics["dual_clip_frac"] = mean((pg_term < pg).float())

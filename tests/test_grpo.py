@@ -388,6 +388,13 @@ def test_empty_mask_and_nonfinite_padding():
         (g,) = torch.autograd.grad(loss, logp)
         assert loss == 0 and torch.equal(g, torch.zeros_like(g))
         assert all(torch.isfinite(v).all() for v in met.values()), met
+    # a packed micro-batch of zero tokens (the trainer pads ranks with empty ones)
+    e = torch.zeros(0, dtype=f64, requires_grad=True)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        loss, met = policy_loss(e, e.detach(), e.detach(), e.detach(), torch.zeros(0, dtype=torch.bool), kl_coef=0.1,
+                                loss_agg=agg, cu_seqlens=torch.zeros(1, dtype=torch.long))
+        assert loss == 0 and met["ratio_max"] == met["ratio_min"] == 1.0 and met["tokens"] == 0
+        loss.backward()
     # a real token next to garbage padding is unaffected
     logp2 = torch.tensor([[-1.0, float("-inf")]], dtype=f64, requires_grad=True)
     old2 = torch.tensor([[-1.2, float("nan")]], dtype=f64)
