@@ -19,9 +19,10 @@ Why it is shaped like this:
     kernel merges them. The grid depends only on host-known shapes (B, the block table's width), never
     on context lengths, so a step can be captured in a CUDA graph; splits past a sequence's end exit
     empty.
-  - Values are upcast to fp32 right after loading (bf16 arithmetic is wrong in Triton's interpreter,
-    and a bf16 value is exact in tf32, so the GPU's tf32 dot loses nothing on bf16 K). Block ids and
-    addresses are int64 (a 60 GB pool has more than 2^31 elements).
+  - Softmax statistics and accumulators are fp32. In the interpreter (CPU) values are upcast right
+    after loading (its bf16 arithmetic is wrong); on the GPU a 16-bit cache goes into tl.dot as stored
+    (tensor cores, fp32 accumulation) and an fp32 cache uses IEEE dots. Block ids and addresses are
+    int64 (a 60 GB pool has more than 2^31 elements).
 """
 import math
 
@@ -51,11 +52,18 @@ def decode_attention_torch(q, k_cache, v_cache, meta, positions, scale):
     return out.index_copy_(0, tok[has_q], o[has_q]) if N else out
 
 
+def native_dot(q, k_cache):
+    """16-bit tl.dot on the GPU when q and the cache share a 16-bit dtype; the interpreter (CPU) always
+    upcasts, because its bf16 arithmetic is wrong."""
+    return q.is_cuda and q.dtype == k_cache.dtype and q.dtype in (torch.bfloat16, torch.float16)
+
+
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, po_ptr, plse_ptr,
                          qk_scale, block_size, s_qn, s_qh, s_kb, s_kr, s_kh, s_vb, s_vr, s_vh, s_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                         NATIVE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -75,7 +83,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, 
     gmask = g < GROUP
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + tok.to(tl.int64) * s_qn + heads[:, None] * s_qh + d[None, :],
-                mask=(gmask & (g * 0 < num_new))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                mask=(gmask & (g * 0 < num_new))[:, None] & dmask[None, :], other=0.0)
+    if not NATIVE:  # upcast right after loading (the interpreter's bf16 arithmetic is wrong)
+        q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -89,18 +99,23 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, 
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
+        if NATIVE:  # GPU, 16-bit cache: tensor-core dot on the stored values, fp32 accumulation
             s = tl.dot(q, tl.trans(k))
+        else:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))  # scale * log2(e): softmax by exp2
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
+        if NATIVE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        elif IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v)
@@ -168,7 +183,7 @@ def decode_attention(q, k_cache, v_cache, meta, positions, scale, num_splits=Non
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0), GROUP=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        IEEE=k_cache.dtype == torch.float32, num_warps=4)
+        IEEE=k_cache.dtype == torch.float32, NATIVE=native_dot(q, k_cache), num_warps=4)
     _decode_merge_kernel[(B, Hq)](
         part_o, part_lse, meta.cu_seqlens_q, out, out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=num_splits,

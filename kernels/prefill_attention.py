@@ -12,8 +12,9 @@ p <= positions[t] and p < context_lens[b]. Returns [N, Hq, D] in q's dtype.
 
 The Triton kernel is flash-attention over a paged cache: one program per (sequence, tile of BLOCK_M new
 tokens, query head) walks that sequence's keys in BLOCK_N tiles through its block table, with an online
-softmax in fp32, stopping at the tile's last query position (causal). The grid comes from host-known
-values (B, max_seqlen_q); tiles past a sequence's end exit at once. PyTorch has no paged, prefix-aware
+softmax in fp32 (dots as in decode_attention.py: 16-bit on the GPU, upcast in the interpreter),
+stopping at the tile's last query position (causal). The grid comes from host-known values (B,
+max_seqlen_q); tiles past a sequence's end exit at once. PyTorch has no paged, prefix-aware
 attention without flash-attn: the twin gathers every block of every sequence and masks, which costs
 O(B * max_seqlen_q * max_blocks * block_size) memory.
 """
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.decode_attention import native_dot
 
 
 def paged_attention_torch(q, k_cache, v_cache, meta, positions, scale):
@@ -54,7 +57,7 @@ def paged_attention_torch(q, k_cache, v_cache, meta, positions, scale):
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr,
                     qk_scale, block_size, s_qn, s_qh, s_on, s_oh, s_kb, s_kr, s_kh, s_vb, s_vr, s_vh, s_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr):
     b = tl.program_id(0)
     tile = tl.program_id(1)
     h = tl.program_id(2)
@@ -73,7 +76,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + tok[:, None] * s_qn + h * s_qh + d[None, :], mask=mmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0)
+    if not NATIVE:  # upcast right after loading (the interpreter's bf16 arithmetic is wrong)
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -86,12 +91,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
+        if NATIVE:  # GPU, 16-bit cache: tensor-core dot on the stored values, fp32 accumulation
             s = tl.dot(q, tl.trans(k))
+        else:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
         keep = (n[None, :] <= qpos[:, None]) & (n[None, :] < ctx)
         s = tl.where(keep, s * qk_scale, float("-inf"))  # scale * log2(e): softmax by exp2
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -99,7 +107,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
+        if NATIVE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        elif IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v)
@@ -129,5 +139,6 @@ def prefill_attention(q, k_cache, v_cache, meta, positions, scale, block_m=None,
         scale * math.log2(math.e), k_cache.shape[1], q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0), GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32, NATIVE=native_dot(q, k_cache),
+        num_warps=4)
     return out

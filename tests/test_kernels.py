@@ -294,11 +294,11 @@ def test_engine_greedy_unchanged_with_kernels():
     prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 13)]
 
     def run(triton):
-        eng = Engine(m, block_size=4, num_blocks=10, max_num_seqs=8, max_model_len=32, max_prefill_tokens=8,
+        eng = Engine(m, block_size=4, num_blocks=6, max_num_seqs=8, max_model_len=32, max_prefill_tokens=8,
                      ignore_eos=True)
         if triton:
             eng.sampler = sample  # what kernels.setup_engine installs on CUDA
-        out = eng.generate(prompts, max_new_tokens=8, temperature=0.0, n=3)
+        out = eng.generate(prompts, max_new_tokens=6, temperature=0.0, n=2)
         return [c.token_ids for c in out], eng.stats
 
     want, _ = run(False)
