@@ -38,6 +38,14 @@ def model_writes(g):
     return s
 
 
+def number(s):
+    """(Fraction, written as a decimal) for a rational constant answer, else None."""
+    n = R._number(R._norm(s))
+    if n is None or len(n[0]) != 1 or list(n[0][0]) not in ([], [(1, 0)]):
+        return None
+    return R._const(n[0][0]), n[1], n[2]
+
+
 def _value(s):
     """Independent numeric reading of a gold (raw parse_latex, no normalisation), or None."""
     s = s.split("=")[-1]  # "x=5" is the answer 5
@@ -64,7 +72,7 @@ def really_differs(a, golds_b):
 def restyled(s):
     """The same answer written the way models also write it."""
     out = [s.replace("\\frac", "\\dfrac"), s.replace(",", ", ")]
-    n = R._number(R._norm(s))
+    n = number(s)
     if n and "%" not in s:
         out.append(f"x = {s}")
         v = n[0]
@@ -80,7 +88,7 @@ def restyled(s):
 def near_misses(s):
     """Answers that look like the gold but are wrong: off by one, reciprocal, other bracket, reversed."""
     out = []
-    n = R._number(R._norm(s))
+    n = number(s)
     if n and "%" not in s:
         v = n[0]
         if n[1]:  # a measurement: off by 1%, beyond the 1e-4 tolerance
@@ -95,7 +103,7 @@ def near_misses(s):
     if node[0] == "seq" and len(node[2]) >= 2:
         ns = R._norm(s)
         out.append({"(": "[", "[": "("}[ns[0]] + ns[1:])
-        if node[2][::-1] != node[2] and node[1] == "()" and not all(x[0] == "elem" and R._number(x[1])
+        if node[2][::-1] != node[2] and node[1] == "()" and not all(x[0] == "elem" and number(x[1])
                                                                      is None for x in node[2]):
             out.append("(" + ",".join(x[1] for x in node[2][::-1] if x[0] == "elem") + ")")
     if node[0] == "set" and len(node[1]) >= 2 and all(x[0] == "elem" for x in node[1]):
@@ -160,7 +168,7 @@ def make_response(rng, answer, n_words):
 def variants(g):
     """Correct answers written differently from the gold."""
     out = [g]
-    n = R._number(R._norm(g))
+    n = number(g)
     if n and n[0].denominator != 1 and n[0].denominator < 1000:
         out += [f"\\dfrac{{{n[0].numerator}}}{{{n[0].denominator}}}", f"x = {g}"]
     elif n:
@@ -180,7 +188,7 @@ def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
             elif u < 0.80:
                 ans = model_writes(R._gold_strings(rng.choice(golds))[0])
             elif u < 0.95:
-                n = R._number(R._norm(g))
+                n = number(g)
                 ans = str(int(n[0]) + rng.randint(1, 9)) if n else g + "+1"
             else:
                 responses.append(make_response(rng, g, rng.randint(*n_words))[:-12])  # truncated

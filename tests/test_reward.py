@@ -278,10 +278,10 @@ def test_grader_matches_reward_in_order(grader):
 
 def test_grader_dedupes_and_fast_paths(grader):
     before = dict(grader.stats)
-    out = grader.grade([box("\\sqrt{9}")] * 16 + [box("3")] * 16, ["3"] * 32)
-    assert out == [1.0] * 32
-    assert grader.stats["unique"] - before.get("unique", 0) == 2
-    assert grader.stats["sympy"] - before.get("sympy", 0) == 1  # "3" vs "3" never leaves the parent
+    out = grader.grade([box("\\sqrt[3]{27}")] * 16 + [box("3")] * 16 + [box("\\sqrt{9}")] * 8, ["3"] * 40)
+    assert out == [1.0] * 40
+    assert grader.stats["unique"] - before.get("unique", 0) == 3
+    assert grader.stats["sympy"] - before.get("sympy", 0) == 1  # 3 and \sqrt{9} never leave the parent
 
 
 def test_grader_kills_hung_worker_and_recovers(grader):
