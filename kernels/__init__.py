@@ -54,8 +54,62 @@ def enabled_for(device):
 def setup_engine(engine):
     """The engine's hook (engine.py calls it on CUDA): Triton attention in the registry, the fused
     sampler, and decode steps captured once per batch-size bucket with the block table at full width
-    (the kernels read only up to each context length). Returns (sampler, graphs)."""
+    (the kernels read only up to each context length). Returns (sampler, graphs). The kernels are
+    first checked against their twins at the engine's shapes; any failure (a compile error on this
+    GPU or Triton version, a mismatch) is reported and the engine keeps the twins, without graphs."""
+    import warnings
     from kernels.cuda_graphs import DecodeGraphs
-    from kernels.sampling import sample
+    from kernels.sampling import sample, sample_torch
+    cfg = engine.cfg
+    try:
+        self_check(engine.device, engine.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                   engine.block_size)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
+        warnings.warn(f"kernels: self-check failed, the engine uses the PyTorch twins: {e!r}")
+        return sample_torch, None
     use_triton()
     return sample, DecodeGraphs(lambda bs: engine._run_decode(bs, engine.max_blocks_per_seq))
+
+
+def self_check(device, dtype, q_heads, kv_heads, head_dim, block_size, vocab=1000):
+    """Every kernel once against its twin at these shapes (this also compiles them). Raises on a
+    mismatch."""
+    import torch
+    from types import SimpleNamespace
+    from kernels.decode_attention import decode_attention, decode_attention_torch
+    from kernels.kv_write import write_kv_cache, write_kv_cache_torch
+    from kernels.prefill_attention import paged_attention_torch, prefill_attention
+    from kernels.sampling import sample, sample_torch
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
+    nb, lens = 8, [block_size + 3, 2 * block_size]  # two sequences, 2 blocks each, scattered
+    kc, vc = rand(nb, block_size, kv_heads, head_dim), rand(nb, block_size, kv_heads, head_dim)
+    tables = i32([[5, 2], [7, 0]])
+    k, v = rand(3, kv_heads, head_dim), rand(3, kv_heads, head_dim)
+    slots = torch.tensor([5 * block_size, 2 * block_size + 2, 0], device=device)
+    k2, v2 = kc.clone(), vc.clone()
+    write_kv_cache(k, v, kc, vc, slots)
+    write_kv_cache_torch(k, v, k2, v2, slots)
+    if not (torch.equal(kc, k2) and torch.equal(vc, v2)):
+        raise RuntimeError("write_kv_cache differs from its twin")
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    scale = head_dim ** -0.5
+    decode = SimpleNamespace(block_tables=tables, context_lens=i32(lens), cu_seqlens_q=i32([0, 1, 2]), max_seqlen_q=1)
+    pos = torch.tensor([n - 1 for n in lens], device=device)
+    q = rand(2, q_heads, head_dim)
+    want = paged_attention_torch(q.float(), kc.float(), vc.float(), decode, pos, scale)
+    torch.testing.assert_close(decode_attention(q, kc, vc, decode, pos, scale).float(), want, **tol)
+    torch.testing.assert_close(decode_attention_torch(q, kc, vc, decode, pos, scale).float(), want, **tol)
+    extend = SimpleNamespace(block_tables=tables, context_lens=i32(lens), cu_seqlens_q=i32([0, 5, 5 + lens[1]]),
+                             max_seqlen_q=lens[1])
+    pos = torch.cat([torch.arange(lens[0] - 5, lens[0]), torch.arange(lens[1])]).to(device)
+    q = rand(len(pos), q_heads, head_dim)
+    want = paged_attention_torch(q.float(), kc.float(), vc.float(), extend, pos, scale)
+    torch.testing.assert_close(prefill_attention(q, kc, vc, extend, pos, scale).float(), want, **tol)
+    logits = rand(3, vocab).float() * 3
+    rows = [torch.tensor(x, device=device) for x in ([0.6, 0.0, 1.0], [1.0] * 3, [0] * 3, [7, 7, 2**40], [0, 1, 2],
+                                                     [0, 1, 0], [3, 4, 5])]
+    got, want = sample(logits, *rows, vocab_limit=vocab - 10), sample_torch(logits, *rows, vocab_limit=vocab - 10)
+    if not torch.equal(got[0], want[0]):
+        raise RuntimeError(f"sample drew {got[0].tolist()}, its twin {want[0].tolist()}")

@@ -19,6 +19,8 @@ The returned tensor is the graph's static output: read it (or copy it) before th
 CUDA only: nothing here runs on the CPU path, and it has not been run yet on a GPU in this repository
 (see BENCHMARKS.md, "## kernels").
 """
+import warnings
+
 import torch
 
 
@@ -30,6 +32,7 @@ class DecodeGraphs:
         self.fn, self.warmup = fn, warmup
         self.graphs = {}  # batch size -> (graph, static output)
         self.pool = None  # one memory pool shared by all graphs (they never run at the same time)
+        self.failed = False  # a capture failed once: every later call runs eagerly
 
     def capture(self, batch_size):
         stream = torch.cuda.Stream()
@@ -49,8 +52,17 @@ class DecodeGraphs:
         return out
 
     def __call__(self, batch_size):
+        if self.failed:
+            return self.fn(batch_size)
         if batch_size not in self.graphs:
-            self.capture(batch_size)  # capturing records kernels without running them: replay below
+            try:
+                self.capture(batch_size)  # capturing records kernels without running them: replay below
+            except Exception as e:  # noqa: BLE001 - a capture failure must not stop generation
+                warnings.warn(f"DecodeGraphs: capture of batch size {batch_size} failed, running eagerly: {e!r}")
+                self.failed = True
+                self.reset()
+                torch.cuda.synchronize()
+                return self.fn(batch_size)
         graph, out = self.graphs[batch_size]
         graph.replay()
         return out

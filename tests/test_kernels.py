@@ -336,3 +336,37 @@ def test_engine_cuda_graphs_greedy_unchanged(monkeypatch):
         assert [c.token_ids for c in got2] == [c.token_ids for c in want]
     finally:
         M.ATTENTION.update(previous)
+
+
+def test_self_check_and_engine_fallback(monkeypatch):
+    """The engine's safety net: the kernels pass their self-check at a real-model-like shape, and a
+    failing check leaves the engine on the twins (no graphs) with a warning instead of an error."""
+    import kernels
+    kernels.self_check(DEV, torch.float32, q_heads=12, kv_heads=2, head_dim=16, block_size=4, vocab=300)
+    kernels.self_check(DEV, torch.bfloat16, q_heads=12, kv_heads=2, head_dim=128, block_size=16, vocab=300)
+
+    class FakeEngine:  # just what setup_engine reads
+        cfg = tiny_config()
+        device, dtype, block_size, max_blocks_per_seq = DEV, torch.float32, 4, 8
+
+    def broken(*a, **kw):
+        raise RuntimeError("no compiler for this GPU")
+    monkeypatch.setattr(kernels, "self_check", broken)
+    previous = dict(M.ATTENTION)
+    with pytest.warns(UserWarning, match="self-check failed"):
+        sampler, graphs = kernels.setup_engine(FakeEngine())
+    from kernels.sampling import sample_torch
+    assert sampler is sample_torch and graphs is None and M.ATTENTION == previous
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graphs_refuse_cpu():
+    from kernels.cuda_graphs import DecodeGraphs
+    with pytest.raises(RuntimeError, match="CUDA"):
+        DecodeGraphs(lambda bs: None)
+    assert not kernels_enabled_on_cpu()
+
+
+def kernels_enabled_on_cpu():
+    import kernels
+    return kernels.enabled_for(torch.device("cpu"))
