@@ -27,8 +27,8 @@ Why it is shaped like this:
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+from kernels._triton import tl, triton
 
 
 def decode_attention_torch(q, k_cache, v_cache, meta, positions, scale):

@@ -11,8 +11,7 @@ a captured batch at a scratch block, so neither version checks (a check would sy
 One program per new token copies that token's K and V rows (Hkv * D elements each). Addresses are
 computed in int64: a 60 GB bf16 pool holds 3e10 elements, past what int32 offsets can reach.
 """
-import triton
-import triton.language as tl
+from kernels._triton import tl, triton
 
 
 def write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping):

@@ -22,9 +22,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton
 from kernels.decode_attention import native_dot
 
 

@@ -28,8 +28,8 @@ filtering: the quantity the trainer recomputes. T = 0 is greedy (argmax over ids
 the log-prob under T = 1.
 """
 import torch
-import triton
-import triton.language as tl
+
+from kernels._triton import tl, triton
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
