@@ -410,16 +410,46 @@ def _split_eq(s):
     return parts if len(parts) == 2 and all(parts) else None
 
 # ----------------------------------------------------------------------------------------------
-# exact arithmetic without sympy: most answers are sums of q * sqrt(r) * pi^k (q rational, r
-# squarefree), a canonical form, so equal <=> same {(r, k): q} dict. Letters are polynomial
-# variables, set to the same 3 random integers on both sides (a nonzero polynomial of degree d
-# vanishes at a random point of [100, 10^4)^n with probability < d/10^4).
+# exact arithmetic, so that sympy is the exception: most answers are sums of q * sqrt(r) * pi^k
+# (q rational, r squarefree), a canonical form: equal <=> the same {(r, k): q} dict. Letters are
+# variables set to the same 3 fixed random integers on both sides: polynomials of degree d that
+# differ agree at a random point of [100, 10^4)^n with probability < d/10^4.
 
-_POINTS = [{c: random.Random(k * 131 + ord(c)).randrange(100, 10**4) for c in "abcdfghjklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-           for k in range(3)]
+_POINTS = [{c: random.Random(131 * k + ord(c)).randrange(100, 10**4) for c in
+            "abcdfghjklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"} for k in range(3)]  # e, i: constants
+_TOKEN = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|\S")
 
 
-_MINUS1 = {(1, 0): Fraction(-1)}
+def _q(x):
+    return {(1, 0): Fraction(x)} if x else {}
+
+
+def _clean(d):
+    if len(d) > 64 or any(abs(k) > 60 for _, k in d):
+        raise ValueError("too big")
+    return {key: c for key, c in d.items() if c}
+
+
+def _add(a, b, sign=1):
+    out = dict(a)
+    for key, c in b.items():
+        out[key] = out.get(key, 0) + sign * c
+    return _clean(out)
+
+
+def _mul(a, b):
+    out = {}
+    for (r1, k1), c1 in a.items():
+        for (r2, k2), c2 in b.items():
+            g = math.gcd(r1, r2)  # sqrt(r1) sqrt(r2) = g sqrt(r1/g * r2/g), still squarefree
+            key = (r1 // g * (r2 // g), k1 + k2)
+            out[key] = out.get(key, 0) + c1 * c2 * g
+    return _clean(out)
+
+
+def _inv(v):
+    [((r, k), c)] = v.items()  # one term, else ValueError: 1/(1+sqrt 2) is left to sympy
+    return {(r, -k): 1 / (c * r)}
 
 
 def _sqfree(n):
@@ -431,46 +461,19 @@ def _sqfree(n):
         while m % p == 0:
             m //= p
         p += 1
-    if p * p <= m:  # a cofactor m whose primes are all >= 1000
+    if p * p <= m:  # m: the cofactor without primes < 1000
         s = math.isqrt(m)
         if s * s == m:
             n, c = n // m, c * s
-        elif m >= 10**9:  # could hide a square
+        elif m >= 10**9:  # may hide a square
             raise ValueError("too big to factor")
     return c, n
-
-
-def _mul(a, b):
-    out = {}
-    for (r1, k1), c1 in a.items():
-        for (r2, k2), c2 in b.items():
-            g = math.gcd(r1, r2)  # sqrt(r1) sqrt(r2) = g sqrt(r1/g * r2/g), still squarefree
-            key = (r1 // g * (r2 // g), k1 + k2)
-            out[key] = out.get(key, 0) + c1 * c2 * g
-    if len(out) > 64 or any(abs(k) > 60 for _, k in out):
-        raise ValueError("too big")
-    return {k: c for k, c in out.items() if c}
-
-
-def _add(a, b, sign=1):
-    out = dict(a)
-    for key, c in b.items():
-        out[key] = out.get(key, 0) + sign * c
-    return {k: c for k, c in out.items() if c}
-
-
-def _const(v):
-    if not v:
-        return Fraction(0)
-    if list(v) != [(1, 0)]:
-        raise ValueError("not rational")
-    return v[(1, 0)]
 
 
 def _sqrt(v):
     if not v:
         return {}
-    [((r, k), c)] = v.items()  # one term, else ValueError: (1 + sqrt 2)^(1/2) is for sympy
+    [((r, k), c)] = v.items()
     if c < 0 or k % 2:
         raise ValueError("not a surd")
     s, r = _sqfree(c.numerator * c.denominator * r)
@@ -478,160 +481,123 @@ def _sqrt(v):
 
 
 def _pow(base, e, varying):
-    q = _const(e)
-    if q.denominator not in (1, 2) or (varying and not (len(base) == 1 and min(base.values()) > 0)):
-        raise ValueError("not a surd")  # (-1)^n is for sympy: it differs from 1 off the integers
-    if q.denominator == 2:
+    q = Fraction(0) if not e else e[(1, 0)] if list(e) == [(1, 0)] else None
+    if q is not None and q.denominator == 2:
         base, q = _sqrt(base), q * 2
-    n = abs(int(q))
-    size = sum(math.log10(abs(c.numerator) + c.denominator) + math.log10(r) for (r, _), c in base.items())
-    if n * max(size, 1) > MAX_DIGITS or (n > 32 and len(base) > 1):
+    if q is None or q.denominator != 1 or (varying and (len(base) != 1 or min(base.values()) < 0)):
+        raise ValueError("not a surd")  # (-1)^n is left to sympy: it is not real off the integers
+    n = abs(q.numerator)
+    digits = sum(math.log10(abs(c.numerator) + c.denominator) + math.log10(r) for (r, _), c in base.items())
+    if n * max(digits, 1) > MAX_DIGITS or (n > 32 and len(base) > 1):
         raise ValueError("too big")
-    out, sq = {(1, 0): Fraction(1)}, base
-    while n:
-        out, sq, n = (_mul(out, sq) if n & 1 else out), (_mul(sq, sq) if n > 1 else sq), n >> 1
-    if q >= 0:
-        return out
-    [((r, k), c)] = out.items()  # 1/(c sqrt(r) pi^k), one term only
-    return {(r, -k): 1 / (c * r)}
+    if len(base) == 1:
+        [((r, k), c)] = base.items()
+        out = _clean({(r if n % 2 else 1, k * n): c ** n * r ** (n // 2)})
+    else:
+        out = _q(1)
+        for _ in range(n):
+            out = _mul(out, base)
+    return out if q >= 0 else _inv(out)
 
 
-class _Parser:
-    """Recursive descent over + - * / ^, implicit products, \\frac, \\sqrt, \\pi, numbers, letters.
-    Anything else raises ValueError: the caller falls back to sympy."""
-    TOKENS = re.compile(r"\\[a-zA-Z]+|\S")
+def _eval_at(s, point):
+    """(value, uses letters) of s with letters from point. ValueError outside this grammar:
+    numbers, letters, \\pi, \\frac, \\sqrt, + - * / ^ and implicit products, read as sympy does."""
+    toks, seen = _TOKEN.findall(s)[::-1], []
 
-    def __init__(self, s, point):
-        self.toks, self.i, self.point, self.vars, self.depth = self.TOKENS.findall(s), 0, point, 0, 0
+    def take(want=None):
+        if not toks or want not in (None, toks[-1]):
+            raise ValueError(f"expected {want}")
+        return toks.pop()
 
-    def peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else ""
-
-    def take(self, tok=None):
-        t = self.peek()
-        if not t or (tok and t != tok):
-            raise ValueError(f"expected {tok}")
-        self.i += 1
-        return t
-
-    def expr(self):
-        self.depth += 1
-        if self.depth > 40:
+    def expr(depth):
+        if depth > 30:
             raise ValueError("too deep")
-        v = self.term()
-        while self.peek() in ("+", "-"):
-            sign = 1 if self.take() == "+" else -1
-            v = _add(v, self.term(), sign)
-        self.depth -= 1
+        v = term(depth)
+        while toks and toks[-1] in ("+", "-"):
+            sign = 1 if take() == "+" else -1
+            v = _add(v, term(depth), sign)
         return v
 
-    def term(self):  # sympy's reading: 1/2x is 1/(2x), implicit products bind tighter than / and *
-        v = self.product()
-        while self.peek() in ("*", "\\cdot", "\\times", "/"):
-            w = self.product() if self.take() != "/" else _pow(self.product(), _MINUS1, False)
-            v = _mul(v, w)
+    def term(depth):  # implicit products bind tighter than * and /: 1/2x is 1/(2x)
+        v = product(depth)
+        while toks and toks[-1] in ("*", "/", "\\cdot", "\\times"):
+            v = _mul(v, _inv(product(depth)) if take() == "/" else product(depth))
         return v
 
-    def product(self):
-        v = self.factor()
-        while (t := self.peek()) and (t[0].isalnum() or t in ("(", "{", ".", "\\pi", "\\frac", "\\sqrt")):
-            v = _mul(v, self.factor())  # 2\pi, 3x, (a+1)(a-1)
+    def product(depth):
+        v = factor(depth)
+        while toks and (toks[-1][0] in "({." or toks[-1][0].isalnum() or toks[-1] in ("\\pi", "\\frac", "\\sqrt")):
+            v = _mul(v, factor(depth))
         return v
 
-    def factor(self):
-        if self.peek() in ("-", "+"):
-            return _mul({(1, 0): Fraction(-1 if self.take() == "-" else 1)}, self.factor())
-        base = self.atom()
-        if self.peek() != "^":
+    def factor(depth):
+        if toks and toks[-1] in ("-", "+"):
+            return _mul(_q(-1 if take() == "-" else 1), factor(depth))
+        base = atom(depth)
+        if not toks or toks[-1] != "^":
             return base
-        self.take()
-        before = self.vars
-        e = self.group()
-        return _pow(base, e, self.vars > before)
+        take()
+        n = len(seen)
+        e = atom(depth)  # x^23 is x^{23} in sympy
+        return _pow(base, e, len(seen) > n)
 
-    def group(self, braced=False):
-        if not braced and self.peek() != "{":
-            return self.atom()  # x^23 is x^{23} (as sympy reads it)
-        self.take("{")  # \frac and \sqrt arguments: _norm has braced them
-        v = self.expr()
-        self.take("}")
-        return v
-
-    def atom(self):
-        t = self.take()
-        if t.isdigit() or t == ".":
-            while self.peek().isdigit() or self.peek() == ".":
-                t += self.take()
-            return _add({}, {(1, 0): Fraction(t)})
+    def atom(depth):
+        t = take()
+        if t[0].isdigit() or t[0] == ".":
+            return _q(Fraction(t))
         if t in ("(", "{"):
-            v = self.expr()
-            self.take(")" if t == "(" else "}")
+            v = expr(depth + 1)
+            take(")" if t == "(" else "}")
             return v
+        if t in ("\\frac", "\\sqrt"):  # _norm braced their arguments
+            args = [(take("{"), expr(depth + 1), take("}"))[1] for _ in range(2 if t == "\\frac" else 1)]
+            return _sqrt(args[0]) if t == "\\sqrt" else _mul(args[0], _inv(args[1]))
         if t == "\\pi":
             return {(1, 1): Fraction(1)}
-        if t == "\\frac":
-            num = self.group(True)
-            return _mul(num, _pow(self.group(True), _MINUS1, False))
-        if t == "\\sqrt":
-            return _sqrt(self.group(True))
-        if len(t) == 1 and t in self.point:  # e and i are constants: sympy's
-            self.vars += 1
-            return {(1, 0): Fraction(self.point[t])}
-        raise ValueError(f"not for the exact evaluator: {t}")
+        if t not in point:
+            raise ValueError(f"not for the exact evaluator: {t}")
+        seen.append(t)
+        return _q(point[t])
+
+    v = expr(0)
+    if toks:
+        raise ValueError("trailing input")
+    return v, bool(seen)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _evaluate(s):
-    """Values of s at the 3 points (one value when s has no letters), or None."""
-    try:
-        vals = []
-        for point in _POINTS:
-            p = _Parser(s, point)
-            vals.append(p.expr())
-            if p.i != len(p.toks):
-                return None
-            if not p.vars:
-                return (vals[0],)
-        return tuple(vals)
-    except (ValueError, ArithmeticError, RecursionError):
-        return None
-
-
-_DEC = r"(\d+\.?\d*|\.\d+)"
-
-
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 16)  # golds repeat 16x in a group
 def _number(s):
-    """(values, inexact, percent) or None. inexact = written as a decimal or in scientific notation,
-    i.e. a measurement, which earns a relative tolerance when it is the gold."""
+    """(values at the 3 points -- one value without letters, inexact, percent) or None.
+    inexact: written as a decimal or in scientific notation, i.e. a measurement."""
     pct = s.endswith("%")
     s = s[:-1] if pct else s
     inexact = "." in s or re.search(r"(\\times|\\cdot|\*)10\^|\d[eE][+-]?\d", s) is not None
     if m := re.fullmatch(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # mixed number 1\frac{4}{5}
-        w, a, b = map(int, m.groups()[1:])
-        if not 0 < a < b:
+        if not 0 < int(m.group(3)) < int(m.group(4)):
             return None
-        s = f"{m.group(1)}({w}+{a}/{b})"
-    elif m := re.fullmatch(r"([+-]?)" + _DEC + r"[eE]([+-]?\d+)", s):
-        s = f"{m.group(1)}{m.group(2)}\\cdot10^{{{m.group(3)}}}"
-    elif m := re.fullmatch(r"(\d+)_\d+", s):  # 52_8: compare the digits, base aside
-        s = m.group(1)
-    vals = _evaluate(s)
-    return (vals, inexact, pct) if vals else None
-
-
-def _to_float(v):
-    return sum(float(c) * math.sqrt(r) * math.pi ** k for (r, k), c in v.items())
+        s = "{}({}+\\frac{{{}}}{{{}}})".format(*m.groups())
+    s = re.sub(r"^([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d+)$", r"\1\\cdot10^{\2}", s)  # 6.7e-5
+    s = re.sub(r"^(\d+)_\d+$", r"\1", s)  # 52_8: compare the digits, base aside
+    try:
+        vals = []
+        for point in _POINTS:
+            v, varies = _eval_at(s, point)
+            vals.append(v)
+            if not varies:
+                break
+        return tuple(vals), inexact, pct
+    except (ValueError, ArithmeticError, RecursionError):
+        return None
 
 
 def _num_equal(p, g):
     """Exact equality; relative tolerance only when the gold is inexact; x% also reads x/100.
-    None when a float comparison is too close to the tolerance to trust."""
-    hundredth = {(1, 0): Fraction(1, 100)}
-    out = False
-    for ps in [p[0]] + ([tuple(_mul(v, hundredth) for v in p[0])] if p[2] else []):
-        for gs in [g[0]] + ([tuple(_mul(v, hundredth) for v in g[0])] if g[2] else []):
-            r = _all3(_value_equal(a, b, g[1]) for a, b in zip(ps * (3 // len(ps)), gs * (3 // len(gs))))
+    None when a float comparison lands too close to the tolerance to trust."""
+    out, n = False, max(len(p[0]), len(g[0]))
+    for ps in [p[0]] + [tuple(_mul(v, _q(Fraction(1, 100))) for v in p[0])] * p[2]:
+        for gs in [g[0]] + [tuple(_mul(v, _q(Fraction(1, 100))) for v in g[0])] * g[2]:
+            r = _all3(_value_equal(a, b, g[1]) for a, b in zip(ps * (n // len(ps)), gs * (n // len(gs))))
             if r:
                 return True
             out = None if r is None else out
@@ -641,11 +607,8 @@ def _num_equal(p, g):
 def _value_equal(a, b, tol):
     if a == b or not tol:
         return a == b
-    if all(list(v) in ([], [(1, 0)]) for v in (a, b)):  # rationals: exact
-        a, b = _const(a), _const(b)
-        return b != 0 and abs(a - b) <= GOLD_TOL * abs(b)
     try:
-        x, y = _to_float(a), _to_float(b)
+        x, y = (sum(float(c) * math.sqrt(r) * math.pi ** k for (r, k), c in v.items()) for v in (a, b))
     except OverflowError:
         return None
     rel = abs(x - y) / abs(y) if y else math.inf
@@ -958,33 +921,3 @@ class Grader:
                     workers[k] = _Worker(self.guard)
                     self.stats["restarts"] += 1
         return results
-
-
-def grade_batch(responses, golds, require_think=True, num_workers=None, timeout=5.0):
-    """One-off batch grading (starts and stops a pool; training should keep a Grader instead)."""
-    with Grader(num_workers=num_workers, timeout=timeout) as grader:
-        return grader.grade(responses, golds, require_think)
-
-
-def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Grade a JSONL file of {response, answer} rows.")
-    ap.add_argument("file")
-    ap.add_argument("--no-think", action="store_true", help="responses have no </think> (non-R1 models)")
-    ap.add_argument("--timeout", type=float, default=5.0)
-    ap.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args(argv)
-    with open(args.file) as f:
-        rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
-    for n, row in rows:
-        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
-            raise SystemExit(f"{args.file}:{n}: row needs 'response' and 'answer' fields")
-    t0 = time.time()
-    with Grader(args.workers, args.timeout) as grader:
-        scores = grader.grade([r["response"] for _, r in rows], [r["answer"] for _, r in rows], not args.no_think)
-    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
-          f"({time.time() - t0:.2f} s; {dict(grader.stats)})")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,11 @@ Benchmark and real-data check for reward.py.
       every gold of every eval set, boxed the way a model writes it, must earn 1.0, and a really
       different gold (another row's answer) must earn 0.0.
   python bench/reward.py [--batches 10] [--workers 1 2]
-      realistic R1-style responses (long reasoning, then a boxed answer): responses/s in one process,
-      and latency of a 2,048-response training step through Grader at each worker count.
+      realistic R1-style responses (long reasoning, then a boxed answer; golds from DeepScaleR's
+      training set): responses/s in one process, and latency of a 2,048-response training step
+      through Grader at each worker count, also with an answer that hangs sympy.
+  python bench/reward.py --grade rows.jsonl [--workers 4] [--timeout 5] [--no-think]
+      grade a JSONL file of {response, answer} rows and print the accuracy.
 """
 import argparse
 import glob
@@ -166,8 +169,8 @@ def make_response(rng, answer, n_words):
 
 
 def variants(g):
-    """Correct answers written differently from the gold."""
-    out = [g]
+    """Correct answers, mostly written like the gold."""
+    out = [g] * 4
     n = number(g)
     if n and n[0].denominator != 1 and n[0].denominator < 1000:
         out += [f"\\dfrac{{{n[0].numerator}}}{{{n[0].denominator}}}", f"x = {g}"]
@@ -176,39 +179,55 @@ def variants(g):
     return out
 
 
+def nearby(rng, g, golds):
+    """A wrong answer a model gives: a nearby integer, a slip in a fraction, or another problem's answer."""
+    n = number(g)
+    if n and n[0].denominator == 1 and rng.random() < 0.8:
+        return str(int(n[0]) + rng.choice([-1, 1]) * rng.choice([1, 1, 2, 3, 10, int(n[0]) or 5]))
+    if n and rng.random() < 0.8:
+        return f"\\frac{{{n[0].numerator + rng.randint(1, 3)}}}{{{n[0].denominator}}}"
+    if rng.random() < 0.5:
+        return g + "+1"  # a symbolic slip
+    return model_writes(R._gold_strings(rng.choice(golds))[0])
+
+
 def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
+    """One training step: per prompt, a pass rate drawn uniformly; right answers mostly written like
+    the gold; wrong ones from 1-3 per-group mistakes (so answers repeat within a group); 5 % truncated."""
     responses, answers = [], []
     for _ in range(n_prompts):
         gold = rng.choice(golds)
         g = model_writes(R._gold_strings(gold)[0])
+        p_right = rng.random()
+        mistakes = [nearby(rng, g, golds) for _ in range(rng.randint(1, 3))]
         for _ in range(group):
-            u = rng.random()
-            if u < 0.45:
-                ans = rng.choice(variants(g))
-            elif u < 0.80:
-                ans = model_writes(R._gold_strings(rng.choice(golds))[0])
-            elif u < 0.95:
-                n = number(g)
-                ans = str(int(n[0]) + rng.randint(1, 9)) if n else g + "+1"
-            else:
+            if rng.random() < 0.05:
                 responses.append(make_response(rng, g, rng.randint(*n_words))[:-12])  # truncated
-                answers.append(gold)
-                continue
-            responses.append(make_response(rng, ans, rng.randint(*n_words)))
+            else:
+                ans = rng.choice(variants(g)) if rng.random() < p_right else rng.choice(mistakes)
+                responses.append(make_response(rng, ans, rng.randint(*n_words)))
             answers.append(gold)
     return responses, answers
+
+
+# DeepScaleR's training golds (shared/data/train: AIME + MATH) are 67 % integers, 11 % fractions, 10 %
+# other numeric expressions (radicals, pi), 12 % symbolic/structured; used when that data is absent.
+BUILTIN_GOLDS = [str(n) for n in (3, 7, 12, 25, 36, 48, 100, 113, 204, 315, 601, 899, 2, 5, 10, 18, 24, 60, 90, 120,
+                                  1, 4, 6, 9, 16, 30, 45, 64, 72, 144, 210, 243, 500, 1000)] + [
+    "\\frac{1}{2}", "\\frac{3}{4}", "\\frac{14}{3}", "-\\frac{5}{12}", "\\frac{7}{64}", "2\\sqrt{3}", "3\\sqrt{13}",
+    "\\frac{\\sqrt{2}}{2}", "16\\pi", "\\frac{9\\pi}{2}", "(3,4]", "(2, -1)", "x^3+3x-6", "\\text{(C)}", "0.5"]
 
 
 def bench(data_dir, batches, worker_counts, timeout):
     if os.path.isdir(data_dir):
         golds = [g for rows in load_golds(data_dir).values() for g in rows]
     else:
-        golds = ["025", 142.0, "\\frac{14}{3}", "3\\sqrt{13}", "(3,4]", ["0.5\n", "$\\frac12$"], "x^3+3x-6"]
+        golds = BUILTIN_GOLDS
     rng = random.Random(0)
     resp, ans = make_batch(rng, golds)
     chars = sum(map(len, resp)) / len(resp)
     print(f"batch: {len(resp)} responses, mean {chars:.0f} chars")
-    R.is_equiv("\\sqrt{2}", "2^{1/2}")  # load sympy outside the timing
+    R._sympy_equal("\\sin^2x+\\cos^2x+e^{0}", "2")  # load sympy outside the timing
     t = time.perf_counter()
     single = [R.reward(r, a) for r, a in zip(resp, ans)]
     dt = time.perf_counter() - t
@@ -228,9 +247,9 @@ def bench(data_dir, batches, worker_counts, timeout):
             times.sort()
             p50 = statistics.median(times)
             p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
-            st = dict(grader.stats)
+            st = {k: round(v / (batches + 1)) for k, v in grader.stats.items()}
             print(f"Grader(num_workers={nw}): {batches} batches of 2,048: p50 {p50:.3f} s, "
-                  f"p99 {p99:.3f} s, max {times[-1]:.3f} s, {2048 / p50:.0f} responses/s; stats {st}")
+                  f"p99 {p99:.3f} s, max {times[-1]:.3f} s, {2048 / p50:.0f} responses/s; per batch {st}")
             # a pathological answer: the guard refuses it in the parent/worker in milliseconds ...
             hard = r2[:]
             hard[0] = "</think> \\boxed{10^{10^{10}}}"
@@ -241,25 +260,45 @@ def bench(data_dir, batches, worker_counts, timeout):
     with R.Grader(num_workers=worker_counts[-1], timeout=timeout, guard=False) as grader:
         grader.grade(resp[:64], ans[:64])
         lat = []
-        for b in range(3):
+        for b, at in enumerate((0, 1024, 2047)):  # the hanging answer first, in the middle, last
             r2, a2 = make_batch(random.Random(100 + b), golds)
-            r2[b] = "</think> \\boxed{10^{10^{10}}}"
+            r2[at] = "</think> \\boxed{10^{10^{10}}}"
             t = time.perf_counter()
             out = grader.grade(r2, a2)
             lat.append(time.perf_counter() - t)
-            assert out[b] == 0.0
-        print(f"  guard off, one hanging answer per batch (timeout {timeout} s): batch latency "
-              f"{', '.join(f'{x:.3f}' for x in lat)} s; timeouts {grader.stats['timeouts']}")
+            assert out[at] == 0.0
+        print(f"  guard off, one hanging answer per batch at 0, 1024, 2047 (timeout {timeout} s): batch "
+              f"latency {', '.join(f'{x:.3f}' for x in lat)} s; timeouts {grader.stats['timeouts']}")
+
+
+def grade_file(path, timeout, workers, require_think):
+    """Grade a JSONL file of {response, answer} rows through Grader; print the accuracy."""
+    with open(path) as f:
+        rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    for n, row in rows:
+        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
+            raise SystemExit(f"{path}:{n}: row needs 'response' and 'answer' fields")
+    t0 = time.time()
+    with R.Grader(workers, timeout) as grader:
+        scores = grader.grade([r["response"] for _, r in rows], [r["answer"] for _, r in rows], require_think)
+    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
+          f"({time.time() - t0:.2f} s; {dict(grader.stats)})")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-golds", metavar="DIR")
-    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/test"))
+    ap.add_argument("--grade", metavar="JSONL", help="grade {response, answer} rows and print the accuracy")
+    ap.add_argument("--no-think", action="store_true", help="with --grade: responses have no </think>")
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/train"),
+                    help="golds for the throughput batches (a built-in representative list when absent)")
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count()])
     ap.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args()
     if args.check_golds:
         sys.exit(1 if check_golds(args.check_golds) else 0)
+    if args.grade:
+        sys.exit(grade_file(args.grade, args.timeout, args.workers[0] if len(args.workers) == 1 else None,
+                            not args.no_think))
     bench(args.data, args.batches, args.workers, args.timeout)

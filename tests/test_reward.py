@@ -323,7 +323,7 @@ def test_cli(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "reward.py"), str(path), "--workers", "1"],
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "reward.py"), "--grade", str(path), "--workers", "1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "accuracy: 2/4 = 50.00%" in out.stdout
