@@ -7,7 +7,9 @@ of a whole decode step at the real 1.5B shape (the targets of the kernels work i
                                        #      and plumbing only: interpreter timings mean nothing)
     python bench/kernels.py --full     # GPU: the real shape (Hq 12, Hkv 2, head_dim 128, bf16, 28 layers)
 
-Every kernel's output is checked against its twin before it is timed (max abs difference printed).
+Every kernel's output is checked against its twin before it is timed (max abs difference printed;
+for sampling, the number of tokens that differ; for bf16 log-probs the twin's bf16 logits are the
+less accurate side).
 GPU times: CUDA events, median of --reps runs after warm-up.
 """
 import argparse
@@ -26,6 +28,7 @@ import model as M  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_torch  # noqa: E402
 from kernels.kv_write import write_kv_cache, write_kv_cache_torch  # noqa: E402
 from kernels.prefill_attention import paged_attention_torch, prefill_attention  # noqa: E402
+from kernels.logprobs import token_logprobs, token_logprobs_fused  # noqa: E402
 from kernels.sampling import sample, sample_torch  # noqa: E402
 
 try:
@@ -145,6 +148,25 @@ def bench_sampling(B, V, limit, device, bw, reps):
     row("sampling T=0.6 (tokens differing)", f"B={B} V={V}", t_k, t_t, B * V * 2, bw, err)
 
 
+def bench_logprobs(N, H, V, dtype, device, bw, reps):
+    """No-grad token log-probs + entropy (old-policy / reference passes): fused kernel vs grpo's chunks."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(device, dtype)
+    w = (torch.randn(V, H, generator=g) * 0.02).to(device, dtype)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    with torch.no_grad():
+        got = token_logprobs_fused(h, w, t, return_entropy=True)
+        want = token_logprobs(h, w, t, return_entropy=True)
+        err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+        t_k = timeit(lambda: token_logprobs_fused(h, w, t, return_entropy=True), device, reps)
+        t_t = timeit(lambda: token_logprobs(h, w, t, return_entropy=True), device, reps)
+    row("token log-probs + entropy (no grad)", f"N={N} H={H} V={V}", t_k, t_t, (N * H + V * H) * h.element_size(),
+        bw, err)
+    flops = 2 * N * H * V
+    print(f"|  | (compute: {flops / t_k / 1e12:,.1f} TFLOP/s Triton, {flops / t_t / 1e12:,.1f} TFLOP/s twin) "
+          "| | | | | | | | |")
+
+
 def decode_limits(bw, label):
     """Bandwidth limit of one decode step of the real model: all weights (bar the embedding) plus the
     KV cache of every sequence read once per step."""
@@ -196,11 +218,13 @@ def main():
             bench_kv_write(N, Hkv, D, dtype, device, bw, reps)
         for B in (1, 64, 256):
             bench_sampling(B, 151936, 151665, device, bw, reps)
+        bench_logprobs(8192, 1536, 151936, dtype, device, bw, max(3, reps // 10))
     else:
         bench_decode(2, 40, Hq, Hkv, D, dtype, device, bw, reps)
         bench_prefill(2, 16, 17, Hq, Hkv, D, dtype, device, bw, reps)
         bench_kv_write(8, Hkv, D, dtype, device, bw, reps)
         bench_sampling(2, 151936, 151665, device, bw, reps)
+        bench_logprobs(48, 64, 2048, dtype, device, bw, 1)
     decode_limits(bw if gpu else 3.0e12, "measured copy bandwidth" if gpu else
                   "an assumed H100 copy bandwidth (PLATFORM.md: about 3.0 TB/s), NOT measured here:")
 
