@@ -15,9 +15,11 @@ worker: a signal cannot interrupt sympy stuck in C-level big-integer arithmetic.
 This module imports no torch and no sympy at import time (sympy loads on first symbolic comparison),
 so worker processes stay light.
 """
+import decimal
 import functools
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
+from decimal import Decimal
 from fractions import Fraction
 
 MAX_BOX = 4000     # a \boxed{} longer than this is not an answer (and scanning it costs time)
@@ -410,94 +413,40 @@ def _split_eq(s):
     return parts if len(parts) == 2 and all(parts) else None
 
 # ----------------------------------------------------------------------------------------------
-# exact arithmetic, so that sympy is the exception: most answers are sums of q * sqrt(r) * pi^k
-# (q rational, r squarefree), a canonical form: equal <=> the same {(r, k): q} dict. Letters are
-# variables set to the same 3 fixed random integers on both sides: polynomials of degree d that
-# differ agree at a random point of [100, 10^4)^n with probability < d/10^4.
+# sympy as the exception: numbers, letters, \frac, \sqrt, \pi, + - * / ^ are evaluated here, exactly
+# as Fractions while rational, else as 80-digit Decimals (sympy decides constants numerically
+# too). Letters are variables set to the same 3 fixed random integers on both sides: polynomials
+# of degree d that differ agree at a random point of [100, 10^4)^n with probability < d/10^4.
 
-_POINTS = [{c: random.Random(131 * k + ord(c)).randrange(100, 10**4) for c in
+_POINTS = [{c: Fraction(random.Random(131 * k + ord(c)).randrange(100, 10**4)) for c in
             "abcdfghjklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"} for k in range(3)]  # e, i: constants
 _TOKEN = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|\S")
+_DECIMAL = decimal.Context(prec=80)
+_PI = _DECIMAL.create_decimal("3.14159265358979323846264338327950288419716939937510582097494459230781640628620899862803")
 
 
-def _q(x):
-    return {(1, 0): Fraction(x)} if x else {}
+def _dec(x):
+    return x if isinstance(x, Decimal) else Decimal(x.numerator) / x.denominator
 
 
-def _clean(d):
-    if len(d) > 64 or any(abs(k) > 60 for _, k in d):
-        raise ValueError("too big")
-    return {key: c for key, c in d.items() if c}
+def _arith(op, a, b):
+    return op(a, b) if type(a) is type(b) else op(_dec(a), _dec(b))  # Fraction and Decimal do not mix
 
 
-def _add(a, b, sign=1):
-    out = dict(a)
-    for key, c in b.items():
-        out[key] = out.get(key, 0) + sign * c
-    return _clean(out)
-
-
-def _mul(a, b):
-    out = {}
-    for (r1, k1), c1 in a.items():
-        for (r2, k2), c2 in b.items():
-            g = math.gcd(r1, r2)  # sqrt(r1) sqrt(r2) = g sqrt(r1/g * r2/g), still squarefree
-            key = (r1 // g * (r2 // g), k1 + k2)
-            out[key] = out.get(key, 0) + c1 * c2 * g
-    return _clean(out)
-
-
-def _inv(v):
-    [((r, k), c)] = v.items()  # one term, else ValueError: 1/(1+sqrt 2) is left to sympy
-    return {(r, -k): 1 / (c * r)}
-
-
-def _sqfree(n):
-    """n = c^2 * r with r squarefree -> (c, r); ValueError when n is too big to factor quickly."""
-    c, m, p = 1, n, 2
-    while p < 1000 and p * p <= m:
-        while n % (p * p) == 0:
-            n, c = n // (p * p), c * p
-        while m % p == 0:
-            m //= p
-        p += 1
-    if p * p <= m:  # m: the cofactor without primes < 1000
-        s = math.isqrt(m)
-        if s * s == m:
-            n, c = n // m, c * s
-        elif m >= 10**9:  # may hide a square
-            raise ValueError("too big to factor")
-    return c, n
-
-
-def _sqrt(v):
-    if not v:
-        return {}
-    [((r, k), c)] = v.items()
-    if c < 0 or k % 2:
-        raise ValueError("not a surd")
-    s, r = _sqfree(c.numerator * c.denominator * r)
-    return {(r, k // 2): Fraction(s, c.denominator)}
+def _sqrt(x):
+    if isinstance(x, Fraction) and all(math.isqrt(n) ** 2 == n for n in (x.numerator, x.denominator)):
+        return Fraction(math.isqrt(x.numerator), math.isqrt(x.denominator))  # ValueError below 0
+    return _arith(lambda a, _: a.sqrt(), x, Decimal(0))
 
 
 def _pow(base, e, varying):
-    q = Fraction(0) if not e else e[(1, 0)] if list(e) == [(1, 0)] else None
-    if q is not None and q.denominator == 2:
-        base, q = _sqrt(base), q * 2
-    if q is None or q.denominator != 1 or (varying and (len(base) != 1 or min(base.values()) < 0)):
-        raise ValueError("not a surd")  # (-1)^n is left to sympy: it is not real off the integers
-    n = abs(q.numerator)
-    digits = sum(math.log10(abs(c.numerator) + c.denominator) + math.log10(r) for (r, _), c in base.items())
-    if n * max(digits, 1) > MAX_DIGITS or (n > 32 and len(base) > 1):
+    if not isinstance(e, Fraction) or e.denominator > 2 or (varying and base <= 0):
+        raise ValueError("not for the evaluator")  # (-1)^n is not real off the integers: sympy's
+    base, n = (_sqrt(base), int(e * 2)) if e.denominator == 2 else (base, int(e))
+    size = math.log10(abs(base.numerator) + base.denominator) if isinstance(base, Fraction) else 1
+    if abs(n) * max(size, 1) > MAX_DIGITS:
         raise ValueError("too big")
-    if len(base) == 1:
-        [((r, k), c)] = base.items()
-        out = _clean({(r if n % 2 else 1, k * n): c ** n * r ** (n // 2)})
-    else:
-        out = _q(1)
-        for _ in range(n):
-            out = _mul(out, base)
-    return out if q >= 0 else _inv(out)
+    return base ** n
 
 
 def _eval_at(s, point):
@@ -515,25 +464,25 @@ def _eval_at(s, point):
             raise ValueError("too deep")
         v = term(depth)
         while toks and toks[-1] in ("+", "-"):
-            sign = 1 if take() == "+" else -1
-            v = _add(v, term(depth), sign)
+            op = operator.add if take() == "+" else operator.sub
+            v = _arith(op, v, term(depth))
         return v
 
     def term(depth):  # implicit products bind tighter than * and /: 1/2x is 1/(2x)
         v = product(depth)
         while toks and toks[-1] in ("*", "/", "\\cdot", "\\times"):
-            v = _mul(v, _inv(product(depth)) if take() == "/" else product(depth))
+            v = _arith(operator.truediv if take() == "/" else operator.mul, v, product(depth))
         return v
 
     def product(depth):
         v = factor(depth)
         while toks and (toks[-1][0] in "({." or toks[-1][0].isalnum() or toks[-1] in ("\\pi", "\\frac", "\\sqrt")):
-            v = _mul(v, factor(depth))
+            v = _arith(operator.mul, v, factor(depth))
         return v
 
     def factor(depth):
         if toks and toks[-1] in ("-", "+"):
-            return _mul(_q(-1 if take() == "-" else 1), factor(depth))
+            return -factor(depth) if take() == "-" else factor(depth)
         base = atom(depth)
         if not toks or toks[-1] != "^":
             return base
@@ -545,22 +494,23 @@ def _eval_at(s, point):
     def atom(depth):
         t = take()
         if t[0].isdigit() or t[0] == ".":
-            return _q(Fraction(t))
+            return Fraction(t)
         if t in ("(", "{"):
             v = expr(depth + 1)
             take(")" if t == "(" else "}")
             return v
         if t in ("\\frac", "\\sqrt"):  # _norm braced their arguments
             args = [(take("{"), expr(depth + 1), take("}"))[1] for _ in range(2 if t == "\\frac" else 1)]
-            return _sqrt(args[0]) if t == "\\sqrt" else _mul(args[0], _inv(args[1]))
+            return _sqrt(args[0]) if t == "\\sqrt" else _arith(operator.truediv, *args)
         if t == "\\pi":
-            return {(1, 1): Fraction(1)}
+            return _PI
         if t not in point:
-            raise ValueError(f"not for the exact evaluator: {t}")
+            raise ValueError(f"not for the evaluator: {t}")
         seen.append(t)
-        return _q(point[t])
+        return point[t]
 
-    v = expr(0)
+    with decimal.localcontext(_DECIMAL):
+        v = expr(0)
     if toks:
         raise ValueError("trailing input")
     return v, bool(seen)
@@ -587,16 +537,16 @@ def _number(s):
             if not varies:
                 break
         return tuple(vals), inexact, pct
-    except (ValueError, ArithmeticError, RecursionError):
+    except (ValueError, ArithmeticError, RecursionError):  # DivisionByZero, Overflow are Arithmetic
         return None
 
 
 def _num_equal(p, g):
-    """Exact equality; relative tolerance only when the gold is inexact; x% also reads x/100.
-    None when a float comparison lands too close to the tolerance to trust."""
+    """Exact for rationals; relative tolerance only when the gold is inexact; x% also reads x/100.
+    None when the Decimals are too close to decide (sympy decides)."""
     out, n = False, max(len(p[0]), len(g[0]))
-    for ps in [p[0]] + [tuple(_mul(v, _q(Fraction(1, 100))) for v in p[0])] * p[2]:
-        for gs in [g[0]] + [tuple(_mul(v, _q(Fraction(1, 100))) for v in g[0])] * g[2]:
+    for ps in [p[0]] + [tuple(_arith(operator.truediv, v, Fraction(100)) for v in p[0])] * p[2]:
+        for gs in [g[0]] + [tuple(_arith(operator.truediv, v, Fraction(100)) for v in g[0])] * g[2]:
             r = _all3(_value_equal(a, b, g[1]) for a, b in zip(ps * (n // len(ps)), gs * (n // len(gs))))
             if r:
                 return True
@@ -605,14 +555,15 @@ def _num_equal(p, g):
 
 
 def _value_equal(a, b, tol):
-    if a == b or not tol:
-        return a == b
-    try:
-        x, y = (sum(float(c) * math.sqrt(r) * math.pi ** k for (r, k), c in v.items()) for v in (a, b))
-    except OverflowError:
-        return None
-    rel = abs(x - y) / abs(y) if y else math.inf
-    return None if abs(rel - float(GOLD_TOL)) < 1e-9 else rel <= float(GOLD_TOL)
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        return a == b or (tol and b != 0 and abs(a - b) <= GOLD_TOL * abs(b))
+    with decimal.localcontext(_DECIMAL):
+        a, b = _dec(a), _dec(b)
+        diff, scale = abs(a - b), max(abs(a), abs(b))
+        rel = diff / scale if scale else Decimal(0)
+    if tol:
+        return None if abs(rel - Decimal("1e-4")) < Decimal("1e-20") else rel <= Decimal("1e-4")
+    return True if rel < Decimal("1e-30") else False if rel > Decimal("1e-20") else None
 
 # ----------------------------------------------------------------------------------------------
 # 3. sympy (loaded lazily: most answers never need it)

@@ -44,9 +44,9 @@ def model_writes(g):
 def number(s):
     """(Fraction, written as a decimal) for a rational constant answer, else None."""
     n = R._number(R._norm(s))
-    if n is None or len(n[0]) != 1 or list(n[0][0]) not in ([], [(1, 0)]):
+    if n is None or len(n[0]) != 1 or not isinstance(n[0][0], R.Fraction):
         return None
-    return R._const(n[0][0]), n[1], n[2]
+    return n[0][0], n[1], n[2]
 
 
 def _value(s):
