@@ -5,7 +5,9 @@ Triton kernels for the rollout engine, one per file, each beside its plain-PyTor
     decode_attention.py    paged decode attention (GQA-grouped, split-K with a fixed grid)
     prefill_attention.py   paged prefill / extend attention (new tokens against a cached prefix)
     sampling.py            counter-based sampling (twin: sample_torch)
+    logprobs.py            fused lm_head + log-softmax, forward only (twin: grpo.token_logprobs)
     cuda_graphs.py         decode steps captured once per batch-size bucket (CUDA only)
+    _triton.py             triton, or stand-ins where it is not installed (the twins work everywhere)
 
 model.py's attention registry (model.ATTENTION) holds the twins by default (the CPU path);
 use_triton() swaps the Triton kernels in behind the same calls. Imports are lazy so that importing
