@@ -1,0 +1,132 @@
+"""
+The CPU demo's inputs, built in code: a tiny character-level tokenizer with DeepSeek-R1's special tokens,
+a synthetic 2-digit addition task whose answers are \\boxed{} (graded by the real reward.py), and a short
+supervised warm-start so the random model knows the response format before GRPO starts.
+
+`python train.py config/demo.py` calls `prepare(cfg)` (the recipe's `prepare` hook) before loading
+anything: it writes <out_dir>/demo/{tokenizer, checkpoint, train.jsonl, val.json} once, and points the
+config at them. Everything after that is the normal path: Tokenizer.from_pretrained, from_pretrained,
+the Engine, the Grader, the GRPO update.
+
+Why a warm-start at all: a random model never writes `</think> \\boxed{..}`, so every reward is 0 and
+GRPO has nothing to rank. The warm-start stops at a FIXED number of steps chosen by measurement
+(supervised accuracy jumps sharply, see DEMO_WARM_STEPS) so that the format is learnt but the sums
+mostly are not: the rise after that is GRPO's doing.
+"""
+import json
+import os
+import random
+
+import torch
+
+import model as M
+
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+CHARS = "0123456789+=}"
+WORDS = ["\\boxed{"]  # one token: the demo's answers are then 7 tokens, <think></think>\boxed{68}<eos>
+TEMPLATE = "{{bos_token}}{% for m in messages %}{{'<｜User｜>' + m['content']}}{% endfor %}{{'<｜Assistant｜>'}}"
+
+# the tiny Qwen2: ~0.5M parameters, vocabulary = specials + the characters above, padded to 32 rows
+MODEL = dict(vocab_size=32, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rope_theta=10000.0,
+             rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1)
+DEMO_WARM_STEPS = 120  # chosen by measurement (README CPU demo): format learnt, sums mostly not
+DEMO_WARM_LR = 1e-3
+DEMO_WARM_BATCH = 64
+
+
+def write_tokenizer(path):
+    """Character-level tokenizer in tokenizer.json form, so the normal Tokenizer.from_pretrained reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for c in list(dict.fromkeys(CHARS)) + WORDS + [" "]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    tok.add_tokens(WORDS)  # matched whole before the character split
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": {"content": SPECIALS[0]}, "eos_token": {"content": SPECIALS[1]},
+                   "chat_template": TEMPLATE}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": 1}, f)
+
+
+def problems(seed, n):
+    """n addition problems a+b (a two digits, b one digit), in the dataset's JSON row form."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(1, 9)
+        rows.append({"problem": f"{a}+{b}", "answer": str(a + b), "solution": f"\\boxed{{{a + b}}}"})
+    return rows
+
+
+def response(row):
+    """The target format: an empty thought, then the boxed answer (short answers keep rollouts cheap)."""
+    return f"<think></think>\\boxed{{{row['answer']}}}"
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def warm_start(model, tok, rows, steps, lr, batch, seed):
+    """Plain next-token cross-entropy on prompt + correct response (loss on the response only)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    examples = []
+    for r in rows:
+        p = tok.encode(tok.chat_prompt(r["problem"], instruction=""))
+        y = tok.encode(response(r)) + tok.eos_token_ids[:1]
+        examples.append((p, y))
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (batch,), generator=g).tolist()
+        ids, tgt, mask, lens = [], [], [], []
+        for i in idx:
+            p, y = examples[i]
+            t = p + y
+            ids += t[:-1]
+            tgt += t[1:]
+            mask += [0.0] * (len(p) - 1) + [1.0] * len(y)
+            lens.append(len(t) - 1)
+        meta = M.Varlen.from_seqlens(lens)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        logp = model(torch.tensor(ids), pos, meta, targets=torch.tensor(tgt))
+        m = torch.tensor(mask)
+        loss = -(logp * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def prepare(cfg, warm_steps=DEMO_WARM_STEPS):
+    """The recipe's hook: build (once) and point cfg at the demo's tokenizer, warm-started model and data."""
+    root = os.path.join(cfg.out_dir, "demo")
+    ckpt = os.path.join(root, f"init_warm{warm_steps}_seed{cfg.seed}")
+    train, val = os.path.join(root, "train.jsonl"), os.path.join(root, "val.json")
+    os.makedirs(root, exist_ok=True)
+    if not os.path.exists(train):
+        rows = problems(seed=1234, n=2000)
+        write_jsonl(train, rows[:1800])
+        with open(val, "w") as f:  # eval.py reads DeepScaleR's JSON-list form
+            json.dump(rows[1800:], f)
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        tok_dir = os.path.join(root, "tokenizer")
+        write_tokenizer(tok_dir)
+        tok = M.Tokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(cfg.seed)
+        model = M.init_weights(M.Qwen2(M.Config(**MODEL)), std=0.02, seed=cfg.seed)
+        with open(train) as f:
+            rows = [json.loads(line) for line in f]
+        warm_start(model, tok, rows, warm_steps, DEMO_WARM_LR, DEMO_WARM_BATCH, cfg.seed)
+        M.save_pretrained(model, ckpt, source_path=tok_dir)
+    cfg.init_from, cfg.train_data, cfg.val_data = ckpt, train, val
+    return cfg

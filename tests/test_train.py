@@ -1,0 +1,213 @@
+"""train.py: data, packing, recipe switches, checkpoint/resume exactness, NaN handling, validation, and the
+CPU demo (a shortened run must learn; the same run with shuffled advantages must not)."""
+import json
+import os
+
+import pytest
+import torch
+
+import demo
+import grpo
+import model as M
+import train as T
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The demo's tokenizer, data and warm-started model (shared by every test here)."""
+    torch.set_num_threads(1)  # tiny matrices; the machine is shared and two threads thrash under load
+    cfg = T.TrainConfig(out_dir=str(tmp_path_factory.mktemp("inputs")), seed=0)
+    return demo.prepare(cfg, warm_steps=demo.DEMO_WARM_STEPS)  # the demo's own start: rewards ~0.1-0.2
+
+
+def tiny(inputs, out_dir, **kw):
+    """A few-second run: 4 prompts x group 4, answers of at most 8 tokens."""
+    cfg = T.TrainConfig(init_from=inputs.init_from, train_data=inputs.train_data, val_data="", out_dir=str(out_dir),
+                        instruction="", stages=[T.Stage(steps=kw.pop("steps", 4), max_response_tokens=8, group_size=4)],
+                        prompts_per_step=4, mini_batches=2, temperature=1.0, lr=1e-3, kl_coef=0.001,
+                        entropy_coef=0.001, token_budget=64, gradient_checkpointing=False, ckpt_interval=2,
+                        grader_workers=1, engine_memory=2**20, threads=1, export_hf=True)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def sample(prompt, response, finish="stop", adv=0.0):
+    return T.Sample(list(prompt), list(response), [-0.5] * len(response), finish, "1", advantage=adv)
+
+# -----------------------------------------------------------------------------
+# Data and packing
+
+
+def test_data_loading_counts_drops_and_formats(tmp_path, inputs):
+    tok = M.Tokenizer.from_pretrained(inputs.init_from)
+    rows = [{"problem": "1+2", "answer": "3"}, {"problem": "4+5"}, {"problem": "7+1", "answer": 8},
+            {"problem": "9+9", "solution": "so \\boxed{18}"}, {"problem": "1" * 50, "answer": "1"}, {"answer": "2"}]
+    for name, text in [("d.json", json.dumps(rows)), ("d.jsonl", "\n".join(map(json.dumps, rows)))]:
+        (tmp_path / name).write_text(text)
+        cfg = T.TrainConfig(instruction="", max_prompt_tokens=20)
+        items, counts = T.encode_rows(T.load_rows(str(tmp_path / name)), tok, cfg, name)
+        assert [g for _, g in items] == ["3", "8", "18"]
+        assert counts == {"rows": 6, "no_problem": 1, "no_answer": 1, "too_long": 1}
+        assert tok.decode(items[0][0]) == tok.chat_prompt("1+2", instruction="")
+    with pytest.raises(SystemExit, match="no usable rows"):
+        T.encode_rows([{"problem": "x"}], tok, cfg, "bad.json")
+
+
+def test_prompt_stream_is_seeded_and_resumable():
+    items = list(range(10))
+    a = T.PromptStream(items, seed=3)
+    first = a.take(7) + a.take(7)  # crosses an epoch boundary: a new permutation
+    assert sorted(first[:10]) == items and first[:10] != items
+    b = T.PromptStream(items, seed=3, pos=7)
+    assert b.take(7) == first[7:]
+    assert T.PromptStream(items, seed=4).take(10) != first[:10]
+
+
+def test_pack_positions_targets_mask_and_budget():
+    s1 = sample([0, 2, 7], [8, 9, 1])          # stopped: EOS (1) is the last response token
+    s2 = sample([0, 2, 6, 3], [5, 1], adv=2.0)
+    s3 = sample([0, 3], [4, 4, 4, 4], finish="length")
+    micros = T.pack([s1, s2, s3], budget=10, overlong_filter=False, device="cpu")
+    assert [len(m.samples) for m in micros] == [2, 1]  # 5 + 5 tokens fit in 10, the third does not
+    m = micros[0]
+    assert m.input_ids.tolist() == [0, 2, 7, 8, 9, 0, 2, 6, 3, 5]
+    assert m.targets.tolist() == [2, 7, 8, 9, 1, 2, 6, 3, 5, 1]
+    assert m.positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert m.mask.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 1, 1]  # response tokens only, EOS included
+    assert m.engine_logp[m.mask.bool()].tolist() == [-0.5] * 5
+    T.fill_advantages(m)
+    assert m.adv.tolist() == [0.0] * 5 + [2.0] * 5
+    # overlong filtering: a truncated answer keeps its tokens but gets no loss
+    kept = T.pack([s3], budget=10, overlong_filter=False, device="cpu")[0].mask.sum()
+    filtered = T.pack([s3], budget=10, overlong_filter=True, device="cpu")[0].mask.sum()
+    assert (kept, filtered) == (4, 0)
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("config.lr = 5e-5\nconfig.stages = [Stage(3, 16, 4), Stage(2, 32, 8)]\nmini_batches = 4\n")
+    cfg = T.load_config([str(f), "--lr=1e-3", "--dynamic_sampling", "--clip_eps_high=0.28", "--out_dir=x/y"])
+    assert (cfg.lr, cfg.mini_batches, cfg.dynamic_sampling, cfg.clip_eps_high, cfg.out_dir) == (1e-3, 4, True, 0.28, "x/y")
+    assert cfg.total_steps() == 5 and cfg.stage_at(3) == (1, T.Stage(2, 32, 8)) and cfg.stage_start(1) == 3
+    with pytest.raises(SystemExit, match="unknown option"):
+        T.load_config(["--no_such=1"])
+
+
+def test_published_recipe_values():
+    cfg = T.load_config([os.path.join(os.path.dirname(T.__file__), "config", "deepscaler_1.5b.py")])
+    assert (cfg.temperature, cfg.top_p, cfg.prompts_per_step, cfg.mini_batches, cfg.lr, cfg.clip_eps,
+            cfg.kl_coef, cfg.entropy_coef, cfg.token_budget, cfg.val_n) == (0.6, 1.0, 128, 2, 1e-6, 0.2, 0.001,
+                                                                              0.001, 32768, 8)
+    assert [(s.max_response_tokens, s.group_size) for s in cfg.stages] == [(8192, 8), (16384, 16), (24576, 16)]
+    assert not (cfg.dynamic_sampling or cfg.overlong_filter or cfg.dr_grpo) and cfg.clip_eps_high is None
+
+# -----------------------------------------------------------------------------
+# Recipe switches, each shown by its effect
+
+
+def test_dr_grpo_and_shuffled_advantages():
+    stage = T.Stage(1, 8, 4)
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    s = [sample([0], [1]) for _ in rewards]
+    T.set_advantages(s, rewards, T.TrainConfig(), stage, step=0)
+    std = [x.advantage for x in s]
+    T.set_advantages(s, rewards, T.TrainConfig(dr_grpo=True), stage, step=0)
+    assert [x.advantage for x in s] == pytest.approx([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5])
+    assert std[0] == pytest.approx(0.75 / 0.5)  # group std of [1, 0, 0, 0] (unbiased) is 0.5
+    T.set_advantages(s, rewards, T.TrainConfig(shuffle_advantages=True), stage, step=0)
+    shuffled = [x.advantage for x in s]
+    assert sorted(shuffled) == pytest.approx(sorted(std)) and shuffled != pytest.approx(std)
+
+
+def test_clip_higher_lets_ratios_rise_further(inputs):
+    """A positive-advantage token whose ratio is 1.25: clipped at 0.2, free under DAPO's 0.28."""
+    model = M.from_pretrained(inputs.init_from)
+    s = sample([0, 2, 8, 3], [4, 5, 13], adv=1.0)
+    fracs = []
+    for high in (None, 0.28):
+        cfg = T.TrainConfig(clip_eps_high=high, kl_coef=0.0, entropy_coef=0.0, temperature=1.0)
+        m = T.pack([s], 64, False, "cpu")[0]
+        T.fill_advantages(m)
+        m.old_logp = T.logprobs(model, m, cfg, T.D.Dist()) - 0.223  # ratio e^0.223 = 1.25
+        acc = T.Accumulator("cpu")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        T.train_mini_batch(model, opt, [m], cfg, T.Stage(1, 8, 1), T.D.Dist(), acc)
+        fracs.append(acc.result(T.D.Dist())["clip_frac"])
+    assert fracs == [1.0, 0.0]
+
+
+def test_dynamic_sampling_leaves_no_all_equal_group(tmp_path, inputs):
+    rows = T.train(tiny(inputs, tmp_path, steps=2, dynamic_sampling=True, max_sampling_rounds=8, ckpt_interval=100))
+    for r in rows:
+        assert r["all_correct_frac"] == 0.0 and r["all_wrong_frac"] == 0.0
+        assert r["samples"] == 16 and r["dropped_groups"] > 0 and r["sampling_rounds"] > 1
+    plain = T.train(tiny(inputs, tmp_path / "plain", steps=2, ckpt_interval=100))
+    assert sum(r["all_wrong_frac"] + r["all_correct_frac"] for r in plain) > 0  # the switch is what did it
+
+
+def test_overlong_filter_masks_truncated_answers(tmp_path, inputs):
+    """Answers cut at 3 tokens are all truncated: with the filter there is no loss, so no change."""
+    cfg = tiny(inputs, tmp_path, steps=1, overlong_filter=True, kl_coef=0.0, entropy_coef=0.0, ckpt_interval=100)
+    cfg.stages = [T.Stage(1, 3, 4)]
+    (row,) = T.train(cfg)
+    assert row["truncated_frac"] == 1.0 and row["grad_norm"] == 0.0
+    after = M.from_pretrained(os.path.join(cfg.out_dir, "hf")).state_dict()
+    before = M.from_pretrained(inputs.init_from).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+# -----------------------------------------------------------------------------
+# Checkpoints, resume, NaN handling, validation
+
+
+VOLATILE = ("time_", "gen_tokens_per_s", "train_tokens_per_s")
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, inputs):
+    full = T.train(tiny(inputs, tmp_path / "full", steps=4, val_data=inputs.val_data, eval_interval=2, val_n=2))
+    killed = tiny(inputs, tmp_path / "killed", steps=4, val_data=inputs.val_data, eval_interval=2, val_n=2,
+                  stop_at_step=3)
+    T.train(killed)  # checkpoint at step 2, then step 3 logged, then "killed" before its checkpoint
+    assert [os.path.basename(p) for p in T.ckpt_dirs(killed.out_dir)] == ["step_000002"]
+    killed.stop_at_step, killed.resume = 0, True
+    T.train(killed)
+    with open(os.path.join(killed.out_dir, "metrics.jsonl")) as f:
+        resumed = [json.loads(line) for line in f]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert stable(resumed) == stable(full)  # same data order, same samples, same updates: exactly
+    assert "val_accuracy" in full[1] and "val_accuracy" not in full[0]
+    a = M.from_pretrained(os.path.join(tmp_path / "full", "hf")).state_dict()
+    b = M.from_pretrained(os.path.join(killed.out_dir, "hf")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch):
+    calls = {"n": 0}
+    real = grpo.policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, met = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 4 else loss), met  # steps 0-1 fine, then NaN
+
+    monkeypatch.setattr(grpo, "policy_loss", poisoned)
+    cfg = tiny(inputs, tmp_path, steps=10, ckpt_interval=1, max_bad_steps=2, keep_last=10)
+    with pytest.raises(T.TrainingDiverged, match="2 consecutive steps"):
+        T.train(cfg)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 2, 2]
+    # the skipped step left the weights alone: the last checkpoint equals the last good one
+    kept = [os.path.basename(p) for p in T.ckpt_dirs(cfg.out_dir)]
+    assert kept == ["step_000001", "step_000002", "step_000003"]
+    model, ref = M.from_pretrained(cfg.init_from), None
+    states = []
+    for name in kept[1:]:
+        opt = T.make_optimizer(model, cfg)
+        T.load_checkpoint(os.path.join(cfg.out_dir, "ckpt", name), T.D.Dist(), model, opt, ref)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

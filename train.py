@@ -1,0 +1,819 @@
+"""
+GRPO the DeepScaleR way, in one file that reads top to bottom.
+
+    python train.py config/demo.py                        # the CPU demo (minutes, 2 cores)
+    python train.py config/deepscaler_1.5b.py --init_from=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
+    python train.py config/demo.py --resume               # continue a killed run from its last checkpoint
+    python train.py --plot=out/demo                        # metrics.png from out/demo/metrics.jsonl
+
+A config file is Python that edits `config` (a TrainConfig whose defaults are the published recipe);
+`--key=value` overrides come after it. Each step:
+  1. take the step's prompts (shuffled by seed; this rank's share, whole groups only);
+  2. roll out `group_size` answers each with the Engine on the current weights;
+  3. grade them with the batch Grader, in a thread while the reference/old log-prob passes run;
+  4. group-normalised advantages; then per mini-batch (2 per step in the recipe): pack the sequences into
+     micro-batches of at most `token_budget` tokens, compute log-probs inside the model's forward
+     (memory-flat), and take one clipped-surrogate optimizer step. The first mini-batch of a step is
+     exactly on-policy, so its old log-probs are the current ones and that pass is skipped;
+  5. copy the new weights into the engine, log one JSONL row, checkpoint / validate now and then.
+World size is a variable throughout: rank and world size come from torchrun's environment and
+torch.distributed is initialised only when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
+"""
+import ast
+import copy
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+import distributed as D
+import grpo
+import model as M
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Stage:
+    """One context-length stage: at its start the reference becomes the current weights and the
+    optimizer resets (DeepScaleR's 8K -> 16K -> 24K)."""
+    steps: int
+    max_response_tokens: int = 8192
+    group_size: int = 8
+
+
+@dataclass
+class TrainConfig:
+    # inputs and outputs
+    init_from: str = ""              # HF checkpoint folder: the policy and the first reference start here
+    train_data: str = ""             # DeepScaleR JSON list, JSONL, or parquet (problem, answer[, solution])
+    val_data: str = ""               # comma-separated eval files for periodic validation ("" = none)
+    out_dir: str = "out/run"
+    prepare: str = ""                # "module:function" that builds inputs before loading (the demo's)
+    prepare_args: dict = field(default_factory=dict)
+    # data
+    prompts_per_step: int = 128
+    max_prompt_tokens: int = 1024    # longer prompts are dropped (and counted)
+    instruction: str = M.MATH_INSTRUCTION
+    # rollout
+    stages: list = field(default_factory=lambda: [Stage(steps=1040, max_response_tokens=8192, group_size=8)])
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = -1
+    require_think: bool = True       # grade only what follows </think>
+    # update
+    mini_batches: int = 2
+    token_budget: int = 32768        # tokens per micro-batch (per GPU)
+    lr: float = 1e-6
+    warmup_steps: int = 0            # linear warm-up from lr/warmup (never 0: DeepScaleR's step 0 ran at lr 0)
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001           # k3 estimator; 0 skips the reference model entirely
+    entropy_coef: float = 0.001
+    loss_agg: str = "token-mean"     # see grpo.LOSS_AGGS; DeepScaleR's own code was "micro-batch-mean"
+    # the newer variants people ask for (all off in DeepScaleR's recipe)
+    clip_eps_high: float | None = None  # DAPO clip-higher (0.28)
+    dual_clip_c: float | None = None
+    dynamic_sampling: bool = False   # DAPO: drop all-equal groups, refill from the next prompts
+    max_sampling_rounds: int = 4
+    overlong_filter: bool = False    # DAPO: truncated answers get no loss (default: graded like any other)
+    dr_grpo: bool = False            # Dr. GRPO: no std scaling, token sums over the generation budget
+    shuffle_advantages: bool = False  # control experiment: advantages permuted across samples
+    # engine
+    engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU
+    engine_memory: float | None = None  # KV-cache bytes (None: the engine decides)
+    engine_max_num_seqs: int = 256
+    # system
+    device: str = "auto"
+    compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    threads: int = 0                 # torch CPU threads (0: torch's default)
+    # bookkeeping
+    max_steps: int = 0               # stop early (0 = run every stage); the schedule does not depend on it
+    log_interval: int = 1
+    ckpt_interval: int = 20
+    keep_last: int = 3
+    export_hf: bool = True
+    eval_interval: int = 0           # 0 = no periodic validation
+    val_n: int = 8
+    val_max_tokens: int = 0          # 0 = the stage's max_response_tokens
+    max_bad_steps: int = 3           # consecutive non-finite updates before the run stops
+    grader_workers: int | None = None
+    grader_timeout: float = 10.0
+    resume: bool = False
+    stop_at_step: int = 0            # testing: exit right after this step, no checkpoint (a simulated kill)
+
+    def total_steps(self):
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step):
+        """(stage index, Stage) for a 0-based step."""
+        start = 0
+        for i, s in enumerate(self.stages):
+            if step < start + s.steps:
+                return i, s
+            start += s.steps
+        return len(self.stages) - 1, self.stages[-1]
+
+    def stage_start(self, index):
+        return sum(s.steps for s in self.stages[:index])
+
+
+def parse_value(text, current):
+    if isinstance(current, bool) or text in ("True", "False", "true", "false"):
+        return text.lower() in ("1", "true", "yes", "")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(current, str) and not isinstance(value, str):
+        return text
+    return value
+
+
+def load_config(argv):
+    """config files (Python that edits `config`) and --key=value overrides, in order."""
+    cfg = TrainConfig()
+    names = {f.name: f for f in fields(TrainConfig)}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, _, text = arg[2:].partition("=")
+            if key not in names:
+                raise SystemExit(f"unknown option --{key} (fields: {', '.join(names)})")
+            setattr(cfg, key, parse_value(text, getattr(cfg, key)) if text else True)
+        else:
+            with open(arg) as f:
+                code = compile(f.read(), arg, "exec")
+            ns = {"config": cfg, "Stage": Stage, "TrainConfig": TrainConfig}
+            exec(code, ns)
+            for key, value in ns.items():
+                if key in names and key != "config":
+                    setattr(cfg, key, value)
+    cfg.stages = [s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (tuple, list)) else Stage(**s)
+                  for s in cfg.stages]
+    cfg.betas = tuple(cfg.betas)
+    if cfg.loss_agg not in grpo.LOSS_AGGS:
+        raise SystemExit(f"loss_agg must be one of {grpo.LOSS_AGGS}, got {cfg.loss_agg!r}")
+    if cfg.prompts_per_step % cfg.mini_batches:
+        raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must split into {cfg.mini_batches} mini-batches")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# Data: rows -> (prompt ids, gold answer), a seeded order, and a position saved with each checkpoint
+
+
+def all_sum(d, t):
+    return D.all_reduce(t, d)
+
+
+def all_max(d, t):
+    return D.all_reduce(t, d, op=ReduceOp.MAX)
+
+
+def load_rows(path):
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSON")
+        return pq.read_table(path).to_pylist()
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = json.loads(text)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"{path}: expected a list of objects with 'problem' and 'answer'")
+    return rows
+
+
+def usable_answer(row):
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return str(answer)
+    if isinstance(answer, str) and answer.strip():
+        return answer.strip()
+    if isinstance(row.get("solution"), str):  # fall back to the solution's boxed answer
+        from reward import extract_answer
+        return extract_answer(row["solution"], require_think=False)
+    return None
+
+
+def encode_rows(rows, tok, cfg, source):
+    """(prompt ids, gold) for usable rows; counts of what was dropped, so the user sees it."""
+    items, counts = [], {"rows": len(rows), "no_problem": 0, "no_answer": 0, "too_long": 0}
+    for r in rows:
+        problem, gold = r.get("problem"), usable_answer(r)
+        if not isinstance(problem, str) or not problem.strip():
+            counts["no_problem"] += 1
+            continue
+        if gold is None:
+            counts["no_answer"] += 1
+            continue
+        ids = tok.encode(tok.chat_prompt(problem, instruction=cfg.instruction))
+        if len(ids) > cfg.max_prompt_tokens:
+            counts["too_long"] += 1
+            continue
+        items.append((ids, gold))
+    if not items:
+        raise SystemExit(f"{source}: no usable rows ({counts})")
+    return items, counts
+
+
+class PromptStream:
+    """An endless seeded shuffle: epoch e is randperm(seed + e); `pos` counts prompts consumed so far."""
+
+    def __init__(self, items, seed, pos=0):
+        self.items, self.seed, self.pos = items, seed, pos
+        self._epoch, self._order = None, None
+
+    def take(self, k):
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.pos, len(self.items))
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._order = epoch, torch.randperm(len(self.items), generator=g).tolist()
+            out.append(self.items[self._order[i]])
+            self.pos += 1
+        return out
+
+# -----------------------------------------------------------------------------
+# Rollout: generate, grade, keep (dynamic sampling), advantages
+
+
+@dataclass
+class Sample:
+    prompt: list
+    response: list
+    engine_logp: list
+    finish: str
+    gold: str
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+def generate(engine, tok, batch, cfg, stage, seed):
+    comps = engine.generate([p for p, _ in batch], max_new_tokens=stage.max_response_tokens,
+                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            n=stage.group_size, seed=seed, stop_token_ids=tok.eos_token_ids)
+    return [Sample(batch[i // stage.group_size][0], list(c.token_ids), list(c.logprobs), c.finish_reason,
+                   batch[i // stage.group_size][1]) for i, c in enumerate(comps)]
+
+
+def grade(grader, tok, samples, cfg):
+    eos = set(tok.eos_token_ids)
+    texts = [tok.decode(s.response[:-1] if s.response and s.response[-1] in eos else s.response) for s in samples]
+    return grader.grade(texts, [s.gold for s in samples], require_think=cfg.require_think)
+
+
+def rollout_seed(cfg, step, rank, rnd):
+    return (cfg.seed * 1_000_003 + step * 1009 + rnd) * 131 + rank
+
+
+def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
+    """This rank's samples for the step (prompt-major, group after group) and a future of their rewards.
+    With dynamic sampling, groups whose answers all got the same reward (zero advantage: no signal) are
+    dropped and refilled from the next prompts, for at most max_sampling_rounds rounds."""
+    share = cfg.prompts_per_step // ctx.world_size
+    g = stage.group_size
+    if not cfg.dynamic_sampling:
+        batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
+        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, ctx.rank, 0))
+        return samples, pool.submit(grade, grader, tok, samples, cfg), {}
+    kept, dropped, rnd = [], 0, 0
+    while True:
+        batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
+        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, ctx.rank, rnd))
+        for s, r in zip(samples, grade(grader, tok, samples, cfg)):
+            s.reward = float(r)
+        for i in range(0, len(samples), g):
+            group = samples[i:i + g]
+            if len({s.reward for s in group}) > 1:
+                kept += group
+            else:
+                dropped += 1
+        rnd += 1
+        # every rank takes the same prompts per round, so all ranks must agree on when to stop
+        short = all_max(ctx, torch.tensor(float(len(kept) < share * g), device=ctx.device))
+        if short.item() == 0 or rnd >= cfg.max_sampling_rounds:
+            break
+    kept = kept[:share * g]
+    done = pool.submit(lambda: [s.reward for s in kept])
+    return kept, done, {"dropped_groups": dropped, "sampling_rounds": rnd}
+
+
+def set_advantages(samples, rewards, cfg, stage, step):
+    r = torch.tensor(rewards, dtype=torch.float32)
+    adv = grpo.group_advantages(r, stage.group_size, scale_by_std=not cfg.dr_grpo) if len(r) else r
+    if cfg.shuffle_advantages:  # same values, no relation to the answers they are attached to
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        adv = adv[torch.randperm(len(adv), generator=g)]
+    for s, rew, a in zip(samples, rewards, adv.tolist()):
+        s.reward, s.advantage = float(rew), a
+
+# -----------------------------------------------------------------------------
+# Packing: (prompt + response) sequences back to back, up to token_budget tokens per micro-batch
+
+
+@dataclass
+class Micro:
+    input_ids: torch.Tensor   # [N] prompt + response of each sequence, without its last token
+    positions: torch.Tensor   # [N] restart at 0 for each sequence
+    meta: M.Varlen
+    targets: torch.Tensor     # [N] the next token
+    mask: torch.Tensor        # [N] 1 where the target is a response token (EOS included)
+    engine_logp: torch.Tensor  # [N] the engine's sampled log-probs at those targets
+    samples: list             # the Samples inside, in order
+    adv: torch.Tensor = None  # [N] filled once rewards are in
+    old_logp: torch.Tensor = None  # [N] None: on-policy (the first mini-batch of a step)
+    ref_logp: torch.Tensor = None  # [N] None: no KL term
+
+
+def pack(samples, budget, overlong_filter, device):
+    """Greedy in order: a sequence that would overflow the budget starts the next micro-batch."""
+    groups, cur, n = [], [], 0
+    for s in samples:
+        length = len(s.prompt) + len(s.response) - 1
+        if cur and n + length > budget:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(s)
+        n += length
+    if cur:
+        groups.append(cur)
+    return [build_micro(g, overlong_filter, device) for g in groups]
+
+
+def build_micro(samples, overlong_filter, device):
+    ids, tgt, mask, elp, lens = [], [], [], [], []
+    for s in samples:
+        tokens = s.prompt + s.response
+        p, r = len(s.prompt), len(s.response)
+        keep = 0.0 if overlong_filter and s.finish == "length" else 1.0
+        ids += tokens[:-1]
+        tgt += tokens[1:]
+        mask += [0.0] * (p - 1) + [keep] * r
+        elp += [0.0] * (p - 1) + [float(x) for x in s.engine_logp]
+        lens.append(p + r - 1)
+    if not samples:  # an empty micro-batch (ranks pad to the same count): one masked dummy token
+        ids, tgt, mask, elp, lens = [0], [0], [0.0], [0.0], [1]
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
+    return Micro(t(ids, torch.long), positions, M.Varlen.from_seqlens(lens, device), t(tgt, torch.long),
+                 t(mask, torch.float32), t(elp, torch.float32), samples)
+
+
+def fill_advantages(micro):
+    if not micro.samples:
+        micro.adv = torch.zeros_like(micro.mask)
+        return
+    per_seq = torch.tensor([s.advantage for s in micro.samples], device=micro.mask.device)
+    micro.adv = grpo.expand_to_tokens(per_seq, micro.meta.cu_seqlens.long())
+
+
+def split_mini_batches(samples, cfg, stage):
+    """Whole groups per mini-batch; the same number of mini-batches on every rank."""
+    groups = [samples[i:i + stage.group_size] for i in range(0, len(samples), stage.group_size)]
+    k = cfg.mini_batches
+    per = math.ceil(len(groups) / k) if groups else 0
+    return [sum(groups[i * per:(i + 1) * per], []) for i in range(k)]
+
+# -----------------------------------------------------------------------------
+# Log-probs and the update
+
+
+def autocast(cfg, ctx):
+    if ctx.device.type == "cuda" and cfg.compute_dtype != "float32":
+        return torch.autocast("cuda", dtype=M.DTYPES[cfg.compute_dtype])
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def logprobs(model, micro, cfg, ctx):
+    with autocast(cfg, ctx):
+        return model(micro.input_ids, micro.positions, micro.meta, targets=micro.targets,
+                     temperature=cfg.temperature).float()
+
+
+def pad_micros(micros, ctx, overlong_filter):
+    """Every rank runs the same number of micro-batches (FSDP's collectives need it): pad with empty ones."""
+    n = int(all_max(ctx, torch.tensor(len(micros), device=ctx.device)).item())
+    return micros + [build_micro([], overlong_filter, ctx.device) for _ in range(n - len(micros))]
+
+
+def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
+    """One optimizer step over a mini-batch. The loss is normalised by the global count (tokens, or
+    sequences for seq-mean aggregations) over all micro-batches and ranks, so N ranks equal 1 rank."""
+    agg = "seq-mean-token-sum-norm" if cfg.dr_grpo else cfg.loss_agg
+    if agg == "micro-batch-mean":
+        norm = all_sum(ctx, torch.tensor(float(len(micros)), device=ctx.device))
+    else:
+        norm = all_sum(ctx, sum(grpo.loss_normaliser(m.mask, agg, m.meta.cu_seqlens.long()) for m in micros))
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=ctx.device)
+    for m in micros:
+        with autocast(cfg, ctx):
+            logp, ent = model(m.input_ids, m.positions, m.meta, targets=m.targets, temperature=cfg.temperature,
+                              return_entropy=True)
+        loss, met = grpo.policy_loss(
+            logp, m.old_logp, m.ref_logp, m.adv, m.mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+            entropy=ent if cfg.entropy_coef else None, entropy_coef=cfg.entropy_coef,
+            clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c, loss_agg=agg, normaliser=norm,
+            max_len=stage.max_response_tokens, cu_seqlens=m.meta.cu_seqlens.long())
+        # gradients are averaged over ranks (DDP/FSDP convention): scale back up to the global sum
+        (loss * ctx.world_size).backward()
+        loss_sum += loss.detach()
+        tokens = met["tokens"]
+        acc.add("clip_frac", met["clip_frac"], tokens)
+        acc.add("pg_loss", met["pg_loss"], tokens)
+        acc.add("kl", met.get("kl", torch.zeros(())), tokens)
+        acc.add("entropy", (ent.detach().float() * m.mask).sum() / tokens.clamp(min=1), tokens)
+        if m.old_logp is None:  # on-policy: this forward is the trainer's recomputation of the engine's
+            acc.disagreement(logp.detach(), m)
+    sync_grads(model, ctx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    ok = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ok, float(grad_norm)
+
+
+def sync_grads(model, ctx):
+    """Plain data parallelism: average gradients over ranks. (An FSDP-wrapped model reduces its own.)"""
+    if ctx.world_size == 1 or getattr(model, "reduces_own_grads", False):
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=ReduceOp.SUM)
+            p.grad.div_(ctx.world_size)
+
+
+class Accumulator:
+    """Token-weighted means of per-micro-batch metrics, kept on the device until the step's one sync."""
+
+    def __init__(self, device):
+        self.sums, self.weights, self.device = {}, {}, device
+        self.dmax = torch.zeros((), device=device)
+
+    def add(self, name, value, weight):
+        self.sums[name] = self.sums.get(name, 0) + value.float() * weight
+        self.weights[name] = self.weights.get(name, 0) + weight
+
+    def disagreement(self, trainer_logp, m):
+        d = (trainer_logp.float() - m.engine_logp).abs() * m.mask
+        self.add("logp_diff_mean", d.sum() / m.mask.sum().clamp(min=1), m.mask.sum())
+        self.dmax = torch.maximum(self.dmax, d.max())
+
+    def result(self, ctx):
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        packed = torch.stack([torch.as_tensor(self.sums[n], device=self.device).float() for n in names] +
+                             [torch.as_tensor(self.weights[n], device=self.device).float() for n in names])
+        packed = all_sum(ctx, packed).tolist()
+        out = {n: packed[i] / max(packed[i + len(names)], 1e-12) for i, n in enumerate(names)}
+        out["logp_diff_max"] = float(all_max(ctx, self.dmax.clone()))
+        return out
+
+# -----------------------------------------------------------------------------
+# Checkpoints: torch.distributed.checkpoint (sharded-ready), atomic rename, last K kept, HF export
+
+
+def ckpt_dirs(out_dir):
+    root = os.path.join(out_dir, "ckpt")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+
+
+def save_checkpoint(cfg, ctx, model, opt, ref, state):
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = os.path.join(cfg.out_dir, "ckpt", f"step_{state['step']:06d}")
+    tmp = final + ".tmp"
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    D.barrier(ctx)
+    msd, osd = get_state_dict(model, opt)
+    payload = {"model": msd, "optim": osd}
+    if ref is not None and state["stage"] > 0:  # stage 0's reference is init_from; later ones are saved
+        payload["ref"] = ref.state_dict()
+    save(payload, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if ctx.device.type == "cuda" else None}
+    torch.save({**state, "rng": rng}, os.path.join(tmp, f"trainer_rank{ctx.rank}.pt"))
+    D.barrier(ctx)
+    if ctx.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # a checkpoint folder exists only once it is complete
+        for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        if cfg.export_hf:
+            M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), source_path=cfg.init_from)
+    D.barrier(ctx)
+
+
+def load_checkpoint(path, ctx, model, opt, ref):
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    state = torch.load(os.path.join(path, f"trainer_rank{ctx.rank}.pt"), weights_only=False)
+    msd, osd = get_state_dict(model, opt)
+    payload = {"model": msd, "optim": osd}
+    if ref is not None and state["stage"] > 0:
+        payload["ref"] = ref.state_dict()
+    load(payload, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+    if "ref" in payload:
+        ref.load_state_dict(payload["ref"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+# -----------------------------------------------------------------------------
+# Logging and the plot
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, step):
+    """A resumed run rewrites the steps the killed run logged after its last checkpoint."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def console_line(row, total, elapsed, steps_done):
+    eta = elapsed / max(steps_done, 1) * (total - row["step"] - 1)
+    return (f"step {row['step'] + 1}/{total} | reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} | "
+            f"len {row['response_len_mean']:.0f}/{row['response_len_max']} trunc {row['truncated_frac']:.2f} | "
+            f"kl {row.get('kl', 0):.4f} ent {row.get('entropy', 0):.3f} clip {row.get('clip_frac', 0):.3f} | "
+            f"dlogp {row.get('logp_diff_mean', 0):.1e} | {row['time_step']:.2f}s "
+            f"({row['gen_tokens_per_s']:.0f} gen tok/s) | ETA {eta / 60:.1f}m")
+
+
+def plot(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib); metrics are in", path)
+        return None
+    panels = [("reward", ["reward_mean", "val_accuracy"]), ("response length", ["response_len_mean"]),
+              ("KL", ["kl"]), ("|engine - trainer| log-prob", ["logp_diff_mean", "logp_diff_max"]),
+              ("step time (s)", ["time_step"])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if k.startswith("val") else None)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    png = os.path.join(out_dir, "metrics.png")
+    fig.savefig(png, dpi=100)
+    print("wrote", png)
+    return png
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def build(cfg, ctx):
+    """Policy (float32 master weights), frozen reference, and the engine's own copy of the weights."""
+    from sample import Engine
+    tok = M.Tokenizer.from_pretrained(cfg.init_from)
+    model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=torch.float32)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    low = M.DTYPES[cfg.compute_dtype] if ctx.device.type == "cuda" else torch.float32
+    ref = None
+    if cfg.kl_coef:
+        ref = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=low).eval().requires_grad_(False)
+    edtype = low if cfg.engine_dtype == "auto" else M.DTYPES[cfg.engine_dtype]
+    engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
+    max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
+    engine = Engine(engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
+                    memory_budget=cfg.engine_memory, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+    return tok, model, ref, engine
+
+
+def make_optimizer(model, cfg):
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def rollout_stats(samples, rewards, group_size, ctx):
+    """Global (all-rank) reward / length / group statistics of the step's samples."""
+    n_groups = len(samples) // group_size if group_size else 0
+    groups = [rewards[i * group_size:(i + 1) * group_size] for i in range(n_groups)]
+    lens = [len(s.response) for s in samples]
+    t = torch.tensor([sum(rewards), sum(r >= 1.0 for r in rewards), len(samples), sum(lens),
+                      sum(s.finish == "length" for s in samples), sum(min(g) >= 1.0 for g in groups),
+                      sum(max(g) <= 0.0 for g in groups), n_groups], dtype=torch.float64, device=ctx.device)
+    t = all_sum(ctx, t).tolist()
+    mx = int(all_max(ctx, torch.tensor(max(lens, default=0), device=ctx.device)).item())
+    n, g = max(t[2], 1), max(t[7], 1)
+    return {"reward_mean": t[0] / n, "accuracy": t[1] / n, "samples": int(t[2]), "response_len_mean": t[3] / n,
+            "response_len_max": mx, "gen_tokens": int(t[3]), "truncated_frac": t[4] / n,
+            "all_correct_frac": t[5] / g, "all_wrong_frac": t[6] / g}
+
+
+class PromptTokenizer:
+    """The tokenizer with this recipe's instruction in chat_prompt, so validation asks what training asks."""
+
+    def __init__(self, tok, instruction):
+        self.tok, self.instruction = tok, instruction
+
+    def chat_prompt(self, problem, instruction=None, think=None):
+        return self.tok.chat_prompt(problem, instruction=self.instruction, think=think)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def validate(cfg, ctx, engine, tok, grader, stage, step):
+    """Periodic validation through eval.py's own code (its prompts, grading and pass@1)."""
+    import eval as E
+    datasets = {os.path.splitext(os.path.basename(p))[0]: E.load_dataset(p)[0] for p in cfg.val_data.split(",") if p}
+    res = E.evaluate(engine, PromptTokenizer(tok, cfg.instruction), datasets, n=cfg.val_n,
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                     max_tokens=cfg.val_max_tokens or stage.max_response_tokens, seed=cfg.seed + step,
+                     require_think=cfg.require_think, max_prompt_tokens=cfg.max_prompt_tokens, grader=grader,
+                     rank=ctx.rank, world_size=ctx.world_size, progress=False)
+    out = {f"val_{name}": r["pass@1"] for name, r in res["datasets"].items()}
+    scores = [v for v in out.values() if v is not None]
+    if scores:
+        out["val_accuracy"] = sum(scores) / len(scores)
+    return out
+
+
+def run(cfg, ctx, grader):
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    master = ctx.rank == 0
+    say = print if master else (lambda *a, **k: None)
+    tok, model, ref, engine = build(cfg, ctx)
+    items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data)
+    say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
+        f"{cfg.max_prompt_tokens} tokens, {counts['no_answer']} without a usable answer, "
+        f"{counts['no_problem']} without a problem) | model {model.num_params() / 1e6:.2f}M params | world {ctx.world_size}")
+    opt = make_optimizer(model, cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    step, pos, bad = 0, 0, 0
+    if cfg.resume and ckpt_dirs(cfg.out_dir):
+        path = ckpt_dirs(cfg.out_dir)[-1]
+        state = load_checkpoint(path, ctx, model, opt, ref)
+        step, pos, bad = state["step"], state["data_pos"], state["bad_steps"]
+        say(f"resumed from {path}: step {step}, data position {pos}")
+    elif master and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if master:
+        truncate_log(metrics_path, step)
+    data = PromptStream(items, cfg.seed, pos)
+    total = cfg.total_steps()
+    last = min(total, cfg.max_steps) if cfg.max_steps else total
+    rows, t_run, first = [], time.time(), step
+    pool = ThreadPoolExecutor(1)  # grading runs beside the log-prob passes
+    while step < last:
+        t0 = time.time()
+        si, stage = cfg.stage_at(step)
+        if step > 0 and step == cfg.stage_start(si):  # new context stage: new reference, fresh optimizer
+            if ref is not None:
+                ref.load_state_dict(model.state_dict())
+            opt = make_optimizer(model, cfg)
+            say(f"stage {si}: responses up to {stage.max_response_tokens} tokens, group {stage.group_size}")
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        D.sync_weights(model, engine.model)  # in place (captured graphs stay valid); gathers FSDP shards
+        t_sync = time.time()
+        samples, rewards_future, extra = collect(engine, grader, tok, data, cfg, stage, step, ctx, pool)
+        t_gen = time.time()
+        plans = [pad_micros(pack(mb, cfg.token_budget, cfg.overlong_filter, ctx.device), ctx, cfg.overlong_filter)
+                 for mb in split_mini_batches(samples, cfg, stage)]
+        acc = Accumulator(ctx.device)
+        if ref is not None:
+            for m in (m for plan in plans for m in plan):
+                m.ref_logp = logprobs(ref, m, cfg, ctx)
+        t_ref = time.time()
+        for m in (m for plan in plans[1:] for m in plan):  # the first mini-batch is on-policy: skipped
+            m.old_logp = logprobs(model, m, cfg, ctx)
+            acc.disagreement(m.old_logp, m)
+        t_old = time.time()
+        rewards = rewards_future.result()
+        t_grade = time.time()
+        set_advantages(samples, rewards, cfg, stage, step)
+        for m in (m for plan in plans for m in plan):
+            fill_advantages(m)
+        results = [train_mini_batch(model, opt, plan, cfg, stage, ctx, acc) for plan in plans]
+        t_upd = time.time()
+        skipped = sum(not ok for ok, _ in results)
+        bad = bad + 1 if skipped else 0
+        row = {"step": step, "stage": si, "lr": lr, **rollout_stats(samples, rewards, stage.group_size, ctx),
+               **acc.result(ctx), **extra, "grad_norm": sum(g for _, g in results) / len(results),
+               "skipped_updates": skipped, "data_pos": data.pos}
+        train_tokens = int(all_sum(ctx, torch.tensor(sum(m.input_ids.numel() for p in plans for m in p), device=ctx.device)).item())
+        row.update(time_sync=t_sync - t0, time_rollout=t_gen - t_sync, time_ref=t_ref - t_gen,
+                   time_old=t_old - t_ref, time_grade_wait=t_grade - t_old, time_update=t_upd - t_grade,
+                   gen_tokens_per_s=row["gen_tokens"] / max(t_gen - t_sync, 1e-9),
+                   train_tokens_per_s=train_tokens / max(t_upd - t_grade, 1e-9))
+        if skipped:
+            say(f"step {step}: non-finite loss or gradient in {skipped} mini-batch(es); update skipped "
+                f"({bad} in a row, stopping at {cfg.max_bad_steps})")
+            if bad >= cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad} consecutive steps had a non-finite loss or gradient norm (last grad norm "
+                    f"{row['grad_norm']}); stopped. The last good checkpoint is in {cfg.out_dir}/ckpt; "
+                    "try a lower lr or check the data.")
+        step += 1
+        if cfg.eval_interval and cfg.val_data and (step % cfg.eval_interval == 0 or step == last):
+            tv = time.time()
+            row.update(validate(cfg, ctx, engine, tok, grader, stage, step))
+            row["time_val"] = time.time() - tv
+        row["time_step"] = time.time() - t0
+        rows.append(row)
+        if master:
+            log_row(metrics_path, row)
+            if (step - 1) % cfg.log_interval == 0 or step == last:
+                print(console_line(row, last, time.time() - t_run, step - first), flush=True)
+        if cfg.stop_at_step and step == cfg.stop_at_step:
+            say(f"stop_at_step={step}: exiting without a checkpoint (simulated kill)")
+            return rows
+        if step % cfg.ckpt_interval == 0 or step == last:
+            tc = time.time()
+            save_checkpoint(cfg, ctx, model, opt, ref, {"step": step, "stage": si, "data_pos": data.pos,
+                                                        "bad_steps": bad})
+            say(f"checkpoint {cfg.out_dir}/ckpt/step_{step:06d} ({time.time() - tc:.1f}s)")
+    pool.shutdown()
+    if master and rows:
+        plot(cfg.out_dir)
+    return rows
+
+
+def train(cfg):
+    from reward import Grader
+    # the grader's worker processes are forked before any CUDA/NCCL state exists
+    if cfg.threads:  # before the demo's warm-start too
+        torch.set_num_threads(cfg.threads)
+    with Grader(num_workers=cfg.grader_workers, timeout=cfg.grader_timeout) as grader:
+        ctx = D.setup(None if cfg.device == "auto" else cfg.device)
+        try:
+            if cfg.prepare:  # a recipe's input builder (the demo's): rank 0 first, then the others reuse it
+                module, _, fn = cfg.prepare.partition(":")
+                prepare = getattr(importlib.import_module(module), fn)
+                if ctx.rank == 0:
+                    cfg = prepare(cfg, **cfg.prepare_args)
+                D.barrier(ctx)
+                if ctx.rank != 0:
+                    cfg = prepare(cfg, **cfg.prepare_args)
+            for name in ("init_from", "train_data"):
+                if not getattr(cfg, name):
+                    raise SystemExit(f"set --{name}=... (or use a config file that sets it)")
+            return run(cfg, ctx, grader)
+        finally:
+            D.teardown()
+
+
+def main(argv):
+    plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
+    if plot_dirs:
+        for d in plot_dirs:
+            plot(d)
+        return
+    train(load_config(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
