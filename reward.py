@@ -2,18 +2,18 @@
 Outcome reward for GRPO (DeepScaleR): 1.0 if the model's final answer is the ground truth, else 0.0.
 
 The reward is the only signal GRPO learns from, so a wrong 0 teaches the model that a right answer is
-wrong. Grading runs in three layers, cheapest first:
+wrong. Grading runs in layers, cheapest first:
   1. extract_answer: the last \\boxed{..} / \\fbox{..} after the last </think>, braces matched.
   2. normalise + structure: LaTeX noise stripped; answers split into sets, tuples, intervals,
-     matrices and equations; plain numbers compared exactly as Fractions (a numeric tolerance only
-     against golds written as decimals, which are measurements).
-  3. sympy: what is left (radicals, pi, symbolic expressions) is parsed with parse_latex behind size
-     guards and compared numerically: at 50 digits when constant, at random points when symbolic.
-Grader runs layer 3 in worker processes under a hard per-answer timeout, enforced by killing the
-worker: a signal cannot interrupt sympy stuck in C-level big-integer arithmetic.
-
-This module imports no torch and no sympy at import time (sympy loads on first symbolic comparison),
-so worker processes stay light.
+     matrices and equations.
+  3. evaluator: numbers, letters, \\frac, \\sqrt, \\pi, + - * / ^ evaluated here (exact Fractions while
+     rational, else 80-digit Decimals; letters at 3 fixed random integer points); a tolerance only
+     against golds written as decimals, which are measurements. Most answers end here.
+  4. sympy: the rest (\\sin, e^x, i, n!, ...) is parsed with parse_latex behind size guards and compared
+     numerically: at 50 digits when constant, at random points when symbolic.
+Grader runs layer 4 in worker processes under a hard per-answer timeout, enforced by killing the
+worker: a signal cannot interrupt sympy stuck in C-level big-integer arithmetic. This module imports
+no torch and no sympy at import time (sympy loads on first use), so workers stay light.
 """
 import decimal
 import functools

@@ -327,3 +327,14 @@ def test_cli(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "accuracy: 2/4 = 50.00%" in out.stdout
+
+
+def test_evaluator_decides_common_answers_without_sympy():
+    fast = [("\\sqrt{2}\\cdot\\sqrt{8}", "4", True), ("10^{40}+1", "10^{40}", False), ("2\\sqrt{3}", "\\sqrt{12}", True),
+            ("\\frac{\\pi}{2}", "1.5708", True), ("\\frac{\\pi}{2}", "1.571", False), ("2n^2-2n+1", "2n(n-1)+1", True),
+            ("1/2x", "\\frac{1}{2x}", True), ("1/2x", "\\frac{x}{2}", False), ("7", "(t-11)(t+11)", False),
+            ("x^23", "x^{23}", True), ("3\\sqrt{2}", "4.2426", True), ("3\\sqrt{2}", "4.25", False)]
+    for pred, gold, want in fast:
+        assert R._equiv(pred, gold, False) is want, (pred, gold)  # False: sympy not allowed
+    for pred, gold in [("(-1)^{2n}", "1"), ("\\sin^2x+\\cos^2x", "1"), ("e^{0}", "1"), ("\\sqrt[3]{8}", "2")]:
+        assert R._equiv(pred, gold, False) is None, (pred, gold)  # left to sympy
