@@ -134,7 +134,7 @@ class TrainConfig:
 
 def parse_value(text, current):
     if isinstance(current, bool) or text in ("True", "False", "true", "false"):
-        return text.lower() in ("1", "true", "yes", "")
+        return text.lower() in ("1", "true", "yes")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -150,10 +150,10 @@ def load_config(argv):
     names = {f.name: f for f in fields(TrainConfig)}
     for arg in argv:
         if arg.startswith("--"):
-            key, _, text = arg[2:].partition("=")
+            key, eq, text = arg[2:].partition("=")
             if key not in names:
                 raise SystemExit(f"unknown option --{key} (fields: {', '.join(names)})")
-            setattr(cfg, key, parse_value(text, getattr(cfg, key)) if text else True)
+            setattr(cfg, key, parse_value(text, getattr(cfg, key)) if eq else True)  # bare --flag: True
         else:
             with open(arg) as f:
                 code = compile(f.read(), arg, "exec")
@@ -752,11 +752,6 @@ def run(cfg, ctx, grader):
         if skipped:
             say(f"step {step}: non-finite loss or gradient in {skipped} mini-batch(es); update skipped "
                 f"({bad} in a row, stopping at {cfg.max_bad_steps})")
-            if bad >= cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad} consecutive steps had a non-finite loss or gradient norm (last grad norm "
-                    f"{row['grad_norm']}); stopped. The last good checkpoint is in {cfg.out_dir}/ckpt; "
-                    "try a lower lr or check the data.")
         step += 1
         if cfg.eval_interval and cfg.val_data and (step % cfg.eval_interval == 0 or step == last):
             tv = time.time()
@@ -768,6 +763,11 @@ def run(cfg, ctx, grader):
             log_row(metrics_path, row)
             if (step - 1) % cfg.log_interval == 0 or step == last:
                 print(console_line(row, last, time.time() - t_run, step - first), flush=True)
+        if bad >= cfg.max_bad_steps:  # logged first, so the metrics show the failures
+            raise TrainingDiverged(
+                f"{bad} consecutive steps had a non-finite loss or gradient norm (last grad norm "
+                f"{row['grad_norm']}); stopped. The last good checkpoint is in {cfg.out_dir}/ckpt; "
+                "try a lower lr or check the data.")
         if cfg.stop_at_step and step == cfg.stop_at_step:
             say(f"stop_at_step={step}: exiting without a checkpoint (simulated kill)")
             return rows

@@ -24,7 +24,7 @@ def tiny(inputs, out_dir, **kw):
     """A few-second run: 4 prompts x group 4, answers of at most 8 tokens."""
     cfg = T.TrainConfig(init_from=inputs.init_from, train_data=inputs.train_data, val_data="", out_dir=str(out_dir),
                         instruction="", stages=[T.Stage(steps=kw.pop("steps", 4), max_response_tokens=8, group_size=4)],
-                        prompts_per_step=4, mini_batches=2, temperature=1.0, lr=1e-3, kl_coef=0.001,
+                        prompts_per_step=4, mini_batches=2, temperature=1.0, lr=1e-4, kl_coef=0.001,
                         entropy_coef=0.001, token_budget=64, gradient_checkpointing=False, ckpt_interval=2,
                         grader_workers=1, engine_memory=2**20, threads=1, export_hf=True)
     for k, v in kw.items():
@@ -114,7 +114,7 @@ def test_dr_grpo_and_shuffled_advantages():
     std = [x.advantage for x in s]
     T.set_advantages(s, rewards, T.TrainConfig(dr_grpo=True), stage, step=0)
     assert [x.advantage for x in s] == pytest.approx([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5])
-    assert std[0] == pytest.approx(0.75 / 0.5)  # group std of [1, 0, 0, 0] (unbiased) is 0.5
+    assert std[0] == pytest.approx(0.75 / (0.5 + 1e-6))  # group std of [1, 0, 0, 0] (unbiased) is 0.5
     T.set_advantages(s, rewards, T.TrainConfig(shuffle_advantages=True), stage, step=0)
     shuffled = [x.advantage for x in s]
     assert sorted(shuffled) == pytest.approx(sorted(std)) and shuffled != pytest.approx(std)
@@ -148,7 +148,8 @@ def test_dynamic_sampling_leaves_no_all_equal_group(tmp_path, inputs):
 
 def test_overlong_filter_masks_truncated_answers(tmp_path, inputs):
     """Answers cut at 3 tokens are all truncated: with the filter there is no loss, so no change."""
-    cfg = tiny(inputs, tmp_path, steps=1, overlong_filter=True, kl_coef=0.0, entropy_coef=0.0, ckpt_interval=100)
+    cfg = tiny(inputs, tmp_path, steps=1, overlong_filter=True, kl_coef=0.0, entropy_coef=0.0, ckpt_interval=100,
+               weight_decay=0.0)  # decoupled decay would move the weights even with zero gradients
     cfg.stages = [T.Stage(1, 3, 4)]
     (row,) = T.train(cfg)
     assert row["truncated_frac"] == 1.0 and row["grad_norm"] == 0.0
@@ -186,14 +187,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, inputs):
 
 
 def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch):
-    calls = {"n": 0}
-    real = grpo.policy_loss
+    seen = {"step": 0}
+    real_adv, real_loss = T.set_advantages, grpo.policy_loss
 
-    def poisoned(*args, **kwargs):
-        loss, met = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] > 4 else loss), met  # steps 0-1 fine, then NaN
+    def note_step(samples, rewards, cfg, stage, step):
+        seen["step"] = step
+        return real_adv(samples, rewards, cfg, stage, step)
 
+    def poisoned(*args, **kwargs):  # steps 0-1 fine, then a NaN loss
+        loss, met = real_loss(*args, **kwargs)
+        return (loss * float("nan") if seen["step"] >= 2 else loss), met
+
+    monkeypatch.setattr(T, "set_advantages", note_step)
     monkeypatch.setattr(grpo, "policy_loss", poisoned)
     cfg = tiny(inputs, tmp_path, steps=10, ckpt_interval=1, max_bad_steps=2, keep_last=10)
     with pytest.raises(T.TrainingDiverged, match="2 consecutive steps"):
@@ -211,3 +216,28 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch)
         T.load_checkpoint(os.path.join(cfg.out_dir, "ckpt", name), T.D.Dist(), model, opt, ref)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+# -----------------------------------------------------------------------------
+# The CPU demo, shortened: GRPO must raise the reward; the same run with shuffled advantages must not
+
+
+def mean_reward(rows):
+    return sum(r["reward_mean"] for r in rows) / len(rows)
+
+
+def test_demo_learns_and_shuffled_advantages_do_not(tmp_path, inputs):
+    recipe = os.path.join(os.path.dirname(T.__file__), "config", "demo.py")
+    runs = {}
+    for name, shuffle in (("grpo", False), ("shuffled", True)):
+        cfg = T.load_config([recipe, f"--out_dir={tmp_path / name}", "--prepare=", "--max_steps=50",
+                             "--ckpt_interval=1000", f"--shuffle_advantages={shuffle}"])
+        cfg.init_from, cfg.train_data = inputs.init_from, inputs.train_data
+        runs[name] = T.train(cfg)
+    start = {k: mean_reward(v[:10]) for k, v in runs.items()}
+    end = {k: mean_reward(v[-10:]) for k, v in runs.items()}
+    print("demo test: start", start, "end", end)
+    assert abs(start["grpo"] - start["shuffled"]) < 0.08  # same start (same weights, same first prompts)
+    # deterministic (fixed seed, one thread); measured here: grpo 0.14 -> 0.22, shuffled 0.10 -> 0.01
+    assert end["grpo"] - start["grpo"] >= 0.05
+    assert end["shuffled"] - start["shuffled"] <= 0.02
+    assert end["grpo"] - end["shuffled"] >= 0.12
