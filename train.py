@@ -547,7 +547,7 @@ def load_checkpoint(path, ctx, model, opt, ref):
     return state
 
 # -----------------------------------------------------------------------------
-# Logging and the plot
+# Logging (the plot is plot.py)
 
 
 def log_row(path, row):
@@ -572,35 +572,6 @@ def console_line(row, total, elapsed, steps_done):
             f"dlogp {row.get('logp_diff_mean', 0):.1e} | {row['time_step']:.2f}s "
             f"({row['gen_tokens_per_s']:.0f} gen tok/s) | ETA {eta / 60:.1f}m")
 
-
-def plot(out_dir):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot: matplotlib is not installed (pip install matplotlib); metrics are in", path)
-        return None
-    panels = [("reward", ["reward_mean", "val_accuracy"]), ("response length", ["response_len_mean"]),
-              ("KL", ["kl"]), ("|engine - trainer| log-prob", ["logp_diff_mean", "logp_diff_max"]),
-              ("step time (s)", ["time_step"])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
-    for ax, (title, keys) in zip(axes, panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="." if k.startswith("val") else None)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    png = os.path.join(out_dir, "metrics.png")
-    fig.savefig(png, dpi=100)
-    print("wrote", png)
-    return png
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -778,6 +749,7 @@ def run(cfg, ctx, grader):
             say(f"checkpoint {cfg.out_dir}/ckpt/step_{step:06d} ({time.time() - tc:.1f}s)")
     pool.shutdown()
     if master and rows:
+        from plot import plot
         plot(cfg.out_dir)
     return rows
 
@@ -809,6 +781,7 @@ def train(cfg):
 def main(argv):
     plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
     if plot_dirs:
+        from plot import plot
         for d in plot_dirs:
             plot(d)
         return
