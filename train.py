@@ -20,7 +20,7 @@ World size is a variable throughout: rank and world size come from torchrun's en
 torch.distributed is initialised only when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
 """
 import ast
-import copy
+import contextlib
 import importlib
 import json
 import math
@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
@@ -502,6 +503,15 @@ def ckpt_dirs(out_dir):
     return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
 
 
+@contextlib.contextmanager
+def quiet_single_process(ctx):
+    """DCP warns that it assumes one process when there is no process group: that is the intent here."""
+    with warnings.catch_warnings():
+        if not ctx.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(cfg, ctx, model, opt, ref, state):
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -515,7 +525,8 @@ def save_checkpoint(cfg, ctx, model, opt, ref, state):
     payload = {"model": msd, "optim": osd}
     if ref is not None and state["stage"] > 0:  # stage 0's reference is init_from; later ones are saved
         payload["ref"] = ref.state_dict()
-    save(payload, checkpoint_id=tmp)
+    with quiet_single_process(ctx):
+        save(payload, checkpoint_id=tmp)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if ctx.device.type == "cuda" else None}
     torch.save({**state, "rng": rng}, os.path.join(tmp, f"trainer_rank{ctx.rank}.pt"))
     D.barrier(ctx)
@@ -537,7 +548,8 @@ def load_checkpoint(path, ctx, model, opt, ref):
     payload = {"model": msd, "optim": osd}
     if ref is not None and state["stage"] > 0:
         payload["ref"] = ref.state_dict()
-    load(payload, checkpoint_id=path)
+    with quiet_single_process(ctx):
+        load(payload, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
     if "ref" in payload:
         ref.load_state_dict(payload["ref"])
