@@ -219,8 +219,10 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1, seed=0,
-                 stop_token_ids=(), progress=False):
-        """prompts: lists of token ids. Returns len(prompts) * n Completions, prompt-major."""
+                 stop_token_ids=(), progress=False, first_prompt_index=0):
+        """prompts: lists of token ids. Returns len(prompts) * n Completions, prompt-major.
+        Prompt i is keyed as first_prompt_index + i in the sampler, so a rank that generates its slice of
+        a global batch draws exactly what one process generating the whole batch would."""
         params = self._check_request(prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids)
         params.seed = fold_seed(int(seed))
         self.params = params
@@ -231,7 +233,8 @@ class Engine:
             # a group never exceeds the running limit, nor a pool that must hold its copies
             group = max(1, min(self.max_num_seqs, self.num_blocks - self._blocks_for(len(prompt)) + 1))
             for s0 in range(0, n, group):
-                self.waiting.append(Sequence(i, s0, [int(t) for t in prompt], fork=min(n, s0 + group) - s0))
+                self.waiting.append(Sequence(first_prompt_index + i, s0, [int(t) for t in prompt],
+                                             fork=min(n, s0 + group) - s0))
         self.stats = dict(preemptions=0, prefix_blocks_shared=0, tokens_generated=0, prefill_tokens=0,
                           prefill_steps=0, decode_steps=0, max_running=0, time=0.0, prefill_time=0.0, decode_time=0.0)
         t0 = time.perf_counter()

@@ -460,12 +460,15 @@ def from_pretrained(path: str, device="cpu", dtype=None) -> Qwen2:
     return model.to(device)
 
 
-def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**30, source_path=None):
+def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**30, source_path=None,
+                    state_dict=None):
     """Write the HF layout atomically: safetensors (sharded with an index past max_shard_bytes),
-    config.json, generation_config.json and the tokenizer files of the source checkpoint."""
+    config.json, generation_config.json and the tokenizer files of the source checkpoint.
+    state_dict: full tensors gathered beforehand (an FSDP-sharded model's own state_dict holds shards)."""
     from safetensors.torch import save_file
     cfg = model.config
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     path = os.path.abspath(path)

@@ -96,10 +96,12 @@ class TrainConfig:
     engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU
     engine_memory: float | None = None  # KV-cache bytes (None: the engine decides)
     engine_max_num_seqs: int = 256
+    trainer_reserve_gb: float = 16.0  # GPU memory kept free of the KV pool for the update's activations
     # system
     device: str = "auto"
     compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32
     gradient_checkpointing: bool = True
+    fsdp: bool = True                # under torchrun: shard with FSDP2 (False: replicate, all-reduce gradients)
     seed: int = 0
     threads: int = 0                 # torch CPU threads (0: torch's default)
     # bookkeeping
@@ -268,10 +270,11 @@ class Sample:
     advantage: float = 0.0
 
 
-def generate(engine, tok, batch, cfg, stage, seed):
+def generate(engine, tok, batch, cfg, stage, seed, first_prompt_index):
     comps = engine.generate([p for p, _ in batch], max_new_tokens=stage.max_response_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            n=stage.group_size, seed=seed, stop_token_ids=tok.eos_token_ids)
+                            n=stage.group_size, seed=seed, stop_token_ids=tok.eos_token_ids,
+                            first_prompt_index=first_prompt_index)
     return [Sample(batch[i // stage.group_size][0], list(c.token_ids), list(c.logprobs), c.finish_reason,
                    batch[i // stage.group_size][1]) for i, c in enumerate(comps)]
 
@@ -282,8 +285,10 @@ def grade(grader, tok, samples, cfg):
     return grader.grade(texts, [s.gold for s in samples], require_think=cfg.require_think)
 
 
-def rollout_seed(cfg, step, rank, rnd):
-    return (cfg.seed * 1_000_003 + step * 1009 + rnd) * 131 + rank
+def rollout_seed(cfg, step, rnd):
+    """The same on every rank: the engine keys each draw by the prompt's global index instead, so the
+    samples do not depend on how many ranks share the step."""
+    return (cfg.seed * 1_000_003 + step * 1009 + rnd) * 131
 
 
 def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
@@ -294,12 +299,12 @@ def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
     g = stage.group_size
     if not cfg.dynamic_sampling:
         batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
-        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, ctx.rank, 0))
+        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, 0), ctx.rank * share)
         return samples, pool.submit(grade, grader, tok, samples, cfg), {}
     kept, dropped, rnd = [], 0, 0
     while True:
         batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
-        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, ctx.rank, rnd))
+        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, rnd), ctx.rank * share)
         for s, r in zip(samples, grade(grader, tok, samples, cfg)):
             s.reward = float(r)
         for i in range(0, len(samples), g):
@@ -394,6 +399,22 @@ def split_mini_batches(samples, cfg, stage):
     per = math.ceil(len(groups) / k) if groups else 0
     return [sum(groups[i * per:(i + 1) * per], []) for i in range(k)]
 
+def gather_samples(samples, ctx):
+    """Every rank's samples, rank after rank (= the step's global prompt order, groups intact)."""
+    if not ctx.enabled:
+        return samples
+    parts = D.all_gather_objects([(s.prompt, s.response, s.engine_logp, s.finish, s.gold, s.reward) for s in samples], ctx)
+    return [Sample(*fields) for part in parts for fields in part]
+
+
+def rank_share(mini_batch, ctx):
+    """This rank's part of a mini-batch: sequences dealt so that every rank gets about the same number of
+    tokens (D.balance is deterministic, so the ranks agree without talking)."""
+    if not ctx.enabled:
+        return mini_batch
+    parts = D.balance([len(s.prompt) + len(s.response) for s in mini_batch], ctx.world_size)
+    return [mini_batch[i] for i in parts[ctx.rank]]
+
 # -----------------------------------------------------------------------------
 # Log-probs and the update
 
@@ -448,6 +469,8 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
             acc.disagreement(logp.detach(), m)
     sync_grads(model, ctx)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over ranks
+        grad_norm = grad_norm.full_tensor()
     ok = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
     if ok:
         opt.step()
@@ -530,13 +553,17 @@ def save_checkpoint(cfg, ctx, model, opt, ref, state):
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if ctx.device.type == "cuda" else None}
     torch.save({**state, "rng": rng}, os.path.join(tmp, f"trainer_rank{ctx.rank}.pt"))
     D.barrier(ctx)
+    full = None
+    if cfg.export_hf and ctx.enabled:  # every rank takes part in gathering the shards; rank 0 writes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # a checkpoint folder exists only once it is complete
         for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         if cfg.export_hf:
-            M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), source_path=cfg.init_from)
+            M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), source_path=cfg.init_from, state_dict=full)
     D.barrier(ctx)
 
 
@@ -603,12 +630,36 @@ def build(cfg, ctx):
     ref = None
     if cfg.kl_coef:
         ref = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=low).eval().requires_grad_(False)
+    if ctx.enabled and cfg.fsdp:
+        # FSDP2: each rank keeps 1/world of the float32 master weights, gradients and AdamW moments; layers
+        # compute in `low` and gradients are reduce-scattered in float32. The frozen reference is sharded too.
+        D.shard_model(model, ctx, compute_dtype=None if low == torch.float32 else low)
+        model.reduces_own_grads = True
+        if ref is not None:
+            D.shard_model(ref, ctx)
     edtype = low if cfg.engine_dtype == "auto" else M.DTYPES[cfg.engine_dtype]
     engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
     max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
     engine = Engine(engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
-                    memory_budget=cfg.engine_memory, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+                    memory_budget=kv_pool_budget(cfg, ctx, model), vocab_limit=tok.vocab_size,
+                    eos_token_ids=tok.eos_token_ids)
     return tok, model, ref, engine
+
+
+def kv_pool_budget(cfg, ctx, model):
+    """The engine's KV pool is sized once and sits beside the trainer for the whole run: on a GPU it gets
+    the free memory minus what training will still allocate (gradients and AdamW's two moments, 12 bytes
+    per float32 master parameter held by this rank, plus an activation reserve). Preemption covers the rest."""
+    if cfg.engine_memory or ctx.device.type != "cuda":
+        return cfg.engine_memory
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    budget = int(free * 0.95 - 12 * local - cfg.trainer_reserve_gb * 2**30)
+    if budget <= 0:
+        raise SystemExit(f"no GPU memory left for the KV pool ({free / 2**30:.1f} GB free, trainer needs "
+                         f"{(12 * local) / 2**30 + cfg.trainer_reserve_gb:.1f} GB): lower trainer_reserve_gb or token_budget")
+    return budget
 
 
 def make_optimizer(model, cfg):
@@ -666,6 +717,9 @@ def run(cfg, ctx, grader):
         torch.set_num_threads(cfg.threads)
     master = ctx.rank == 0
     say = print if master else (lambda *a, **k: None)
+    if cfg.prompts_per_step % ctx.world_size:
+        raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must divide across {ctx.world_size} ranks: "
+                         "each rank rolls out whole groups of its own prompts")
     tok, model, ref, engine = build(cfg, ctx)
     items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data)
     say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
@@ -704,8 +758,10 @@ def run(cfg, ctx, grader):
         t_sync = time.time()
         samples, rewards_future, extra = collect(engine, grader, tok, data, cfg, stage, step, ctx, pool)
         t_gen = time.time()
-        plans = [pad_micros(pack(mb, cfg.token_budget, cfg.overlong_filter, ctx.device), ctx, cfg.overlong_filter)
-                 for mb in split_mini_batches(samples, cfg, stage)]
+        # mini-batches are cut from the whole step's groups, then each rank takes a token-balanced share
+        everyone = gather_samples(samples, ctx)
+        plans = [pad_micros(pack(rank_share(mb, ctx), cfg.token_budget, cfg.overlong_filter, ctx.device), ctx,
+                            cfg.overlong_filter) for mb in split_mini_batches(everyone, cfg, stage)]
         acc = Accumulator(ctx.device)
         if ref is not None:
             for m in (m for plan in plans for m in plan):
@@ -717,7 +773,8 @@ def run(cfg, ctx, grader):
         t_old = time.time()
         rewards = rewards_future.result()
         t_grade = time.time()
-        set_advantages(samples, rewards, cfg, stage, step)
+        all_rewards = [r for part in D.all_gather_objects(list(rewards), ctx) for r in part]
+        set_advantages(everyone, all_rewards, cfg, stage, step)
         for m in (m for plan in plans for m in plan):
             fill_advantages(m)
         results = [train_mini_batch(model, opt, plan, cfg, stage, ctx, acc) for plan in plans]
