@@ -57,9 +57,9 @@ def bench_model(cfg, device, dtype, seqlens, reps, checkpointing):
     except ImportError:
         have_logprobs = False
 
-    def fwd():
+    def fwd():  # the reference / old log-prob pass: hidden states, then token log-probs
         with torch.no_grad():
-            model(ids, pos, meta)
+            model(ids, pos, meta, targets=ids) if have_logprobs else model(ids, pos, meta)
 
     def fwd_bwd():
         if have_logprobs:
@@ -140,7 +140,7 @@ def main():
     mem = lambda x: "-" if x is None else f"{x:.2f}"
     print(f"\nmodel: {r['params'] / 1e9:.3f}B params, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{device.type} {str(dtype).removeprefix('torch.')}, packed {len(seqlens)} seqs = {r['tokens']} tokens, "
-          f"checkpointing={args.checkpointing}, fwd+bwd loss={'token log-probs' if r['logprobs'] else 'hidden mean'}")
+          f"checkpointing={args.checkpointing}, log-probs via {'grpo.token_logprobs' if r['logprobs'] else 'hidden mean'}")
     print(f"| pass | tokens/s | peak memory GB |\n|---|---|---|")
     print(f"| forward | {r['fwd_tok_s']:,.0f} | {mem(r['mem_fwd_gb'])} |")
     print(f"| forward+backward | {r['fwd_bwd_tok_s']:,.0f} | {mem(r['mem_fwd_bwd_gb'])}"
