@@ -128,15 +128,93 @@ def _hash_step(h, x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, s_row, temp_ptr, seed_ptr, prompt_ptr, sidx_ptr, pos_ptr, tok_ptr, lp_ptr,
-                   V, vocab_limit, BLOCK_V: tl.constexpr):
-    """One program per row, one pass over the vocabulary: temperature, log-sum-exp (for the log-prob),
-    the counter-based uniforms and the exponential race with a running first-index argmax."""
+def _load_z(row, v0, V, div, BLOCK_V: tl.constexpr):
+    ids = v0 + tl.arange(0, BLOCK_V)
+    z = tl.load(row + ids, mask=ids < V, other=float("-inf")).to(tl.float32)  # upcast first (bf16 interpreter)
+    return ids, tl.math.div_rn(z, div)  # IEEE division, as torch's
+
+
+@triton.jit
+def _race_tile(z, ids, v0, key, greedy, allowed):
+    """The tile's best race score, its id (first among ties, as torch.argmax) and its z."""
+    h = _hash_step(key, ids.to(tl.uint32))
+    u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
+    score = tl.where(greedy, z, z - tl.log(-tl.log(u)))
+    score = tl.where(allowed, score, float("-inf"))
+    c_best = tl.max(score, axis=0)
+    c_id = tl.argmax(score, axis=0)
+    c_z = tl.sum(tl.where(ids == v0 + c_id, z, 0.0), axis=0)
+    return c_best, v0 + c_id, c_z
+
+
+@triton.jit
+def _key(x):
+    """float32 -> int64 in the floats' order (-0.0 as +0.0): the bisection runs over these integers."""
+    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _unkey(k):
+    b = k.to(tl.int32)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _search(row, V, limit, div, m, z_norm, need, lo, hi, MASS: tl.constexpr, BLOCK_V: tl.constexpr,
+            PROBES: tl.constexpr):
+    """Smallest key t in (lo, hi] with pred(t), for a pred that is monotone (false, then true) and true
+    at hi. MASS=False: pred(t) = #{z >= f(t)} < need (top-k); MASS=True: sum_{z > f(t)} e^(z - m) / z_norm
+    < need (top-p). f = _unkey; only ids < limit count. A pass over the row tests PROBES evenly spaced keys
+    (a (PROBES+1)-ary search), so 2^32 keys take ~8 passes. Returns t and the count and mass of the set
+    measured at t (callers start hi where both are 0)."""
+    j = tl.arange(0, PROBES)
+    cnt_hi = tl.zeros([1], tl.float32)
+    mass_hi = tl.zeros([1], tl.float32)
+    while tl.max(hi - lo, axis=0) > 1:
+        d = tl.maximum((hi - lo) // (PROBES + 1), 1)
+        t = lo + (j + 1) * d  # [PROBES] int64, increasing
+        f = _unkey(tl.minimum(t, hi))
+        cnt = tl.zeros([PROBES], tl.float32)
+        mass = tl.zeros([PROBES], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            ids, z = _load_z(row, v0, V, div, BLOCK_V)
+            if MASS:
+                above = z[:, None] > f[None, :]
+            else:
+                above = z[:, None] >= f[None, :]
+            above = above & (ids < limit)[:, None]
+            cnt += tl.sum(above.to(tl.float32), axis=0)
+            mass += tl.sum(tl.where(above, tl.exp(z - m)[:, None], 0.0), axis=0)
+        if MASS:
+            ok = mass / z_norm < need
+        else:
+            ok = cnt < need
+        ok = ok | (t >= hi)
+        n_false = tl.sum((~ok).to(tl.int64), axis=0)  # probes 0 .. n_false-1 fail, the rest pass
+        at = (j == n_false) & (t < hi)  # the first passing probe, if it lies below hi
+        moved = tl.sum(at.to(tl.int32), axis=0) > 0
+        cnt_hi = tl.where(moved, tl.sum(tl.where(at, cnt, 0.0), axis=0), cnt_hi)
+        mass_hi = tl.where(moved, tl.sum(tl.where(at, mass, 0.0), axis=0), mass_hi)
+        hi = tl.where(moved, lo + (n_false + 1) * d, hi)
+        lo = lo + n_false * d
+    return hi, cnt_hi, mass_hi
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, s_row, temp_ptr, top_p_ptr, top_k_ptr, seed_ptr, prompt_ptr, sidx_ptr, pos_ptr,
+                   tok_ptr, lp_ptr, V, vocab_limit, FILTER: tl.constexpr, BLOCK_V: tl.constexpr,
+                   PROBES: tl.constexpr):
+    """One program per row. Pass 1: temperature, log-sum-exp (for the log-prob), the counter-based
+    uniforms and the exponential race with a running first-index argmax. With FILTER, rows with top-k
+    and/or top-p then find the kept set's boundary value tau by searches over the float order (_search,
+    no sort), and a last pass reruns the race over the kept set: z > tau, plus the ties z == tau that the
+    twin's stable sort puts first (lowest ids), counted with a running cumsum."""
     r = tl.program_id(0)
-    t = tl.load(temp_ptr + r)
+    lane = tl.arange(0, 1)  # [1]-shaped scalars: the interpreter is happier with vectors
+    t = tl.load(temp_ptr + r + lane)
     greedy = t <= 0
     div = tl.where(greedy, 1.0, t)
-    lane = tl.arange(0, 1)  # [1]-shaped scalars: the interpreter is happier with vectors
     key = tl.zeros([1], tl.uint32)
     key = _hash_step(key, (tl.load(seed_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
     key = _hash_step(key, (tl.load(prompt_ptr + r + lane) & 0xFFFFFFFF).to(tl.uint32))
@@ -145,40 +223,80 @@ def _sample_kernel(logits_ptr, s_row, temp_ptr, seed_ptr, prompt_ptr, sidx_ptr, 
     row = logits_ptr + r.to(tl.int64) * s_row
     m = tl.full([1], float("-inf"), tl.float32)
     s = tl.zeros([1], tl.float32)
+    m_lim = tl.full([1], float("-inf"), tl.float32)  # max, sum and min over ids < vocab_limit (for filtering)
+    s_lim = tl.zeros([1], tl.float32)
+    min_lim = tl.full([1], float("inf"), tl.float32)
     best = tl.full([1], float("-inf"), tl.float32)
     best_id = tl.zeros([1], tl.int32)
     best_z = tl.zeros([1], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        ids = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(row + ids, mask=ids < V, other=float("-inf")).to(tl.float32)
-        z = tl.math.div_rn(z, div)  # IEEE division, as torch's
+        ids, z = _load_z(row, v0, V, div, BLOCK_V)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-        h = _hash_step(key, ids.to(tl.uint32))
-        u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
-        score = tl.where(greedy, z, z - tl.log(-tl.log(u)))
-        score = tl.where(ids < vocab_limit, score, float("-inf"))
-        c_best = tl.max(score, axis=0)
-        c_id = tl.argmax(score, axis=0)  # first index among ties, as torch.argmax
-        c_z = tl.sum(tl.where(ids == v0 + c_id, z, 0.0), axis=0)
+        if FILTER:
+            z_lim = tl.where(ids < vocab_limit, z, float("-inf"))
+            m_new = tl.maximum(m_lim, tl.max(z_lim, axis=0))
+            s_lim = s_lim * tl.exp(m_lim - m_new) + tl.sum(tl.exp(z_lim - m_new), axis=0)
+            m_lim = m_new
+            min_lim = tl.minimum(min_lim, tl.min(tl.where(ids < vocab_limit, z, float("inf")), axis=0))
+        c_best, c_id, c_z = _race_tile(z, ids, v0, key, greedy, ids < vocab_limit)
         better = c_best > best  # strictly: an earlier chunk wins ties
-        best_id = tl.where(better, v0 + c_id, best_id)
+        best_id = tl.where(better, c_id, best_id)
         best_z = tl.where(better, c_z, best_z)
         best = tl.where(better, c_best, best)
+    if FILTER:
+        top_k = tl.load(top_k_ptr + r + lane)
+        top_p = tl.load(top_p_ptr + r + lane)
+        k_on = (top_k > 0) & (top_k < vocab_limit) & ~greedy  # the twin ignores filters for greedy rows
+        p_on = (top_p < 1.0) & ~greedy
+        k = top_k.to(tl.float32)
+        k_min, k_max = _key(min_lim), _key(m_lim)
+        # top-k: tau_k = the k-th largest z = f(t - 1) for the smallest t with #{z >= f(t)} < k;
+        # #{z > tau_k} and their mass come back with it (measured at t)
+        t_k, n_gt, mass_gt = _search(row, V, vocab_limit, div, m_lim, 1.0, k, k_min,
+                                     tl.where(k_on, k_max + 1, k_min + 1), False, BLOCK_V, PROBES)
+        tau_k = _unkey(t_k - 1)
+        ties_k = k - n_gt  # how many of the entries equal to tau_k top-k keeps: the lowest ids
+        z_norm = tl.where(k_on, mass_gt + ties_k * tl.exp(tau_k - m_lim), s_lim)  # top-p renormalises over top-k
+        # top-p: a token is kept while the mass strictly before it (sorted order) is < top_p, so
+        # tau_p = the smallest z >= tau_k whose mass strictly above is < top_p; G = that mass
+        t_p, _, g = _search(row, V, vocab_limit, div, m_lim, z_norm, top_p, t_k - 2,
+                            tl.where(p_on, k_max, t_k - 1), True, BLOCK_V, PROBES)
+        tau = _unkey(t_p)
+        g = g / z_norm
+        p_tau = tl.exp(tau - m_lim) / z_norm
+        k_ties = k_on & (tau == tau_k)
+        seen = tl.zeros([1], tl.float32)
+        best2 = tl.full([1], float("-inf"), tl.float32)
+        best_id2 = tl.zeros([1], tl.int32)
+        best_z2 = tl.zeros([1], tl.float32)
+        end = tl.where(tl.max((k_on | p_on).to(tl.int32), axis=0) > 0, V, 0)
+        for v0 in range(0, end, BLOCK_V):
+            ids, z = _load_z(row, v0, V, div, BLOCK_V)
+            tie = (z == tau) & (ids < vocab_limit)
+            j = seen + tl.cumsum(tie.to(tl.float32), axis=0) - tie.to(tl.float32)  # earlier ties of tau
+            seen += tl.sum(tie.to(tl.float32), axis=0)
+            tie = tie & (~k_ties | (j < ties_k)) & (~p_on | (g + j * p_tau < top_p))
+            c_best, c_id, c_z = _race_tile(z, ids, v0, key, greedy, (ids < vocab_limit) & ((z > tau) | tie))
+            better = c_best > best2
+            best_id2 = tl.where(better, c_id, best_id2)
+            best_z2 = tl.where(better, c_z, best_z2)
+            best2 = tl.where(better, c_best, best2)
+        filtered = k_on | p_on
+        best_id = tl.where(filtered, best_id2, best_id)
+        best_z = tl.where(filtered, best_z2, best_z)
     tl.store(tok_ptr + r + lane, best_id.to(tl.int64))
     tl.store(lp_ptr + r + lane, best_z - (m + tl.log(s)))
 
 
 def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, position, vocab_limit=None,
-           filtered=None, block_v=None):
-    """Triton version of sample_torch (same arguments, same tokens). Rows with top-p/top-k go through
-    the twin's filter (one sort per row); everything else is one fused pass per row."""
+           filtered=None, block_v=None, probes=16):
+    """Triton version of sample_torch (same arguments, same tokens): one program per row; rows with
+    top-p/top-k find their kept set by searches over the float order instead of a sort. filtered (a
+    host bool) compiles the filtering in or out; None reads it from the tensors (a sync)."""
     if filtered is None:
         filtered = bool(((top_p < 1) | (top_k > 0)).any())
-    if filtered:  # the fused kernel has no top-p/top-k yet
-        return sample_torch(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, position,
-                            vocab_limit, filtered=True)
     B, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -187,7 +305,9 @@ def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, posi
     if B == 0:
         return tokens, logprobs
     block_v = block_v or (4096 if logits.is_cuda else 32768)  # the interpreter pays per op, not per element
-    _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), seed, prompt_idx, sample_idx,
-                         position, tokens, logprobs, V, V if vocab_limit is None else min(vocab_limit, V),
-                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=8 if logits.is_cuda else 1)
+    _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), top_p.float().contiguous(),
+                         top_k.long().contiguous(), seed, prompt_idx, sample_idx, position, tokens, logprobs, V,
+                         V if vocab_limit is None else min(vocab_limit, V), FILTER=bool(filtered),
+                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), PROBES=probes,
+                         num_warps=8 if logits.is_cuda else 1)
     return tokens, logprobs

@@ -268,16 +268,76 @@ def test_sampling_kernel_ties_limit_and_draw_distribution():
     assert (counts - torch.tensor([0.5, 0.3, 0.2], device=DEV)).abs().max() < 0.2
 
 
-def test_sampling_filtered_rows_use_twin():
+def filtered_rows(logits, temperature, top_p, top_k, draws, seed):
+    """Every (top_p, top_k) pair on every logits row, `draws` times each (different sample indices):
+    the draws spread over the kept set, so a wrongly kept or dropped token shows up as a different id."""
+    R = logits.shape[0]
+    grid = [(r, p, k, d) for r in range(R) for p in top_p for k in top_k for d in range(draws)]
+    rows = sampling_rows(len(grid), seed=seed)
+    rows["top_p"] = torch.tensor([p for _, p, _, _ in grid], device=DEV)
+    rows["top_k"] = torch.tensor([k for _, _, k, _ in grid], device=DEV)
+    rows["sample_idx"] = torch.tensor([d for *_, d in grid], device=DEV)
+    idx = torch.tensor([r for r, *_ in grid], device=DEV)
+    return logits[idx], temperature[idx], rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_kernel_top_p_top_k_match_twin(dtype):
+    """top-k, top-p and both inside the kernel (no sort): the same tokens and log-probs as the twin's
+    sort-based filter, with ragged tiles, vocab_limit < V, greedy rows (which ignore the filters) and
+    rows of duplicated logits (ties at the boundary, which the twin's stable sort gives to the low ids)."""
     from kernels.sampling import sample, sample_torch
-    B, V = 4, 500
-    logits = torch.randn(B, V, device=DEV)
-    rows = sampling_rows(B, seed=4)
-    rows["top_p"] = torch.full((B,), 0.9, device=DEV)
-    rows["top_k"] = torch.tensor([0, 5, 50, 1], device=DEV)
-    t = torch.full((B,), 0.7, device=DEV)
-    got, want = sample(logits, t, **rows), sample_torch(logits, t, **rows)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    V, g = 1000, torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=g) * 3
+    logits[2] = (logits[2] * 2).round() / 2  # ~40 distinct values: every boundary falls inside a tie
+    logits[3] = (logits[3] / 2).round()
+    logits, temperature, rows = filtered_rows(logits.to(DEV, dtype), torch.tensor([1.0, 0.7, 1.5, 0.0], device=DEV),
+                                              (0.3, 0.9, 0.95, 1.0), (1, 5, 50, -1), draws=1, seed=6)
+    want = sample_torch(logits, temperature, **rows, vocab_limit=990)
+    got = sample(logits, temperature, **rows, vocab_limit=990, block_v=256)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert int(got[0].max()) < 990
+
+
+def test_sampling_kernel_ties_at_the_boundary():
+    """Large groups of equal logits cut by top-k and by top-p: many draws per row, each equal to the
+    twin's, land only on the kept set, whose ties are the lowest ids (the twin's stable sort)."""
+    from kernels.sampling import filter_mask, sample, sample_torch
+    V = 300
+    logits = torch.zeros(2, V)
+    logits[:, 7::3] = 1.0  # 98 ties at 1.0 (ids 7, 10, ...) above 202 at 0.0
+    logits[1, 150] = -0.0  # -0.0 ties with 0.0
+    logits, temperature, rows = filtered_rows(logits.to(DEV), torch.tensor([1.0, 3.0], device=DEV),
+                                              (0.3, 1.0), (2, 120, -1), draws=6, seed=7)
+    want = sample_torch(logits, temperature, **rows)
+    got = sample(logits, temperature, **rows, block_v=128)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    keep = filter_mask(logits.float() / temperature[:, None], rows["top_p"], rows["top_k"])
+    assert keep.gather(1, got[0][:, None]).all()
+    k2 = (rows["top_k"] == 2) & (rows["top_p"] == 1)  # top-2 of 98 tied maxima: ids 7 and 10, both drawn
+    assert set(got[0][k2].tolist()) == {7, 10}
+    drawn = got[0][(rows["top_k"] == 120) & (rows["top_p"] == 1)]  # the 98 ones and the 22 lowest-id zeros
+    zeros = drawn[(drawn % 3 != 1) | (drawn < 7)]
+    assert len(zeros) > 0 and zeros.max() <= 32  # the 22nd zero is id 32
+
+
+def test_sampling_kernel_filter_edges():
+    """top_k >= V (off), top_k above vocab_limit, and top_p small enough to keep only the argmax."""
+    from kernels.sampling import sample, sample_torch
+    V, g = 400, torch.Generator().manual_seed(8)
+    logits = (torch.randn(6, V, generator=g) * 2).to(DEV)
+    logits[:, 390:] = 10.0  # the largest logits lie past vocab_limit: they must not count in the filter
+    rows = sampling_rows(6, seed=9)
+    rows["top_k"] = torch.tensor([V, V + 5, 395, 2, 0, 1], device=DEV)
+    rows["top_p"] = torch.tensor([1.0, 0.9, 0.9, 1e-6, 1e-6, 0.9], device=DEV)
+    t = torch.full((6,), 1.2, device=DEV)
+    want = sample_torch(logits, t, **rows, vocab_limit=390)
+    got = sample(logits, t, **rows, vocab_limit=390, block_v=128)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[0][3:].tolist() == logits[3:, :390].argmax(-1).tolist()  # tiny top_p / top_k=1: the argmax
 
 
 # ----------------------------------------------------------------------------- in the engine
@@ -309,6 +369,29 @@ def test_engine_greedy_unchanged_with_kernels():
         M.ATTENTION.update(previous)
     assert got == want
     assert stats["preemptions"] > 0 and stats["prefix_blocks_shared"] > 0  # the hard paths ran
+
+
+def test_engine_top_p_top_k_unchanged_with_fused_sampler():
+    """Sampled completions with top-p and top-k through the engine: the fused sampler (its filter has no
+    sort) gives the twin's tokens and log-probs (attention stays on the twins: the sampler is under test)."""
+    from engine import Engine
+    from kernels.sampling import sample
+    cfg = tiny_config()
+    m = random_model(cfg, seed=13)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 7)]
+
+    def run(sampler, **kw):
+        eng = Engine(m, block_size=4, num_blocks=16, max_num_seqs=8, max_model_len=32, ignore_eos=True)
+        eng.sampler = sampler or eng.sampler
+        out = eng.generate(prompts, max_new_tokens=5, temperature=1.3, n=2, seed=3, **kw)
+        return [c.token_ids for c in out], [c.logprobs for c in out]
+
+    for kw in (dict(top_p=0.8), dict(top_k=7), dict(top_p=0.9, top_k=20)):
+        want, got = run(None, **kw), run(sample, **kw)
+        assert got[0] == want[0]
+        torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[1]), rtol=1e-5, atol=1e-5)
+    assert run(None, top_p=0.8)[0] != run(None)[0]  # the filter changes the draws: the test can fail
 
 
 @cuda_only
