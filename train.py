@@ -7,7 +7,7 @@ GRPO the DeepScaleR way, in one file that reads top to bottom.
     python train.py --plot=out/demo                        # metrics.png from out/demo/metrics.jsonl
 
 A config file is Python that edits `config` (a TrainConfig whose defaults are the published recipe);
-`--key=value` overrides come after it. Each step:
+`--key=value` overrides come after it (configurator.py). Each step:
   1. take the step's prompts (shuffled by seed; this rank's share, whole groups only);
   2. roll out `group_size` answers each with the Engine on the current weights;
   3. grade them with the batch Grader, in a thread while the reference/old log-prob passes run;
@@ -15,34 +15,33 @@ A config file is Python that edits `config` (a TrainConfig whose defaults are th
      micro-batches of at most `token_budget` tokens, compute log-probs inside the model's forward
      (memory-flat), and take one clipped-surrogate optimizer step. The first mini-batch of a step is
      exactly on-policy, so its old log-probs are the current ones and that pass is skipped;
-  5. copy the new weights into the engine, log one JSONL row, checkpoint / validate now and then.
+  5. copy the new weights into the engine, log one JSONL row, checkpoint (checkpoint.py) / validate now and then.
 World size is a variable throughout: rank and world size come from torchrun's environment and
 torch.distributed is initialised only when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
 """
-import ast
-import contextlib
+import copy
+import functools
 import importlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ReduceOp
 
 import distributed as D
+import eval as E
 import grpo
 import model as M
+from checkpoint import ckpt_dirs, load_checkpoint, save_checkpoint
+from configurator import configure
 
 # -----------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class Stage:
@@ -51,7 +50,6 @@ class Stage:
     steps: int
     max_response_tokens: int = 8192
     group_size: int = 8
-
 
 @dataclass
 class TrainConfig:
@@ -123,48 +121,18 @@ class TrainConfig:
         return sum(s.steps for s in self.stages)
 
     def stage_at(self, step):
-        """(stage index, Stage) for a 0-based step."""
-        start = 0
-        for i, s in enumerate(self.stages):
-            if step < start + s.steps:
-                return i, s
-            start += s.steps
-        return len(self.stages) - 1, self.stages[-1]
+        """(stage index, Stage) for a 0-based step (past the schedule: the last stage)."""
+        i = 0
+        while i + 1 < len(self.stages) and step >= self.stage_start(i + 1):
+            i += 1
+        return i, self.stages[i]
 
     def stage_start(self, index):
         return sum(s.steps for s in self.stages[:index])
 
-
-def parse_value(text, current):
-    if isinstance(current, bool) or text in ("True", "False", "true", "false"):
-        return text.lower() in ("1", "true", "yes")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    if isinstance(current, str) and not isinstance(value, str):
-        return text
-    return value
-
-
 def load_config(argv):
-    """config files (Python that edits `config`) and --key=value overrides, in order."""
-    cfg = TrainConfig()
-    names = {f.name: f for f in fields(TrainConfig)}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if key not in names:
-                raise SystemExit(f"unknown option --{key} (fields: {', '.join(names)})")
-            setattr(cfg, key, parse_value(text, getattr(cfg, key)) if eq else True)  # bare --flag: True
-        else:
-            with open(arg) as f:
-                code = compile(f.read(), arg, "exec")
-            ns = {"config": cfg, "Stage": Stage, "TrainConfig": TrainConfig}
-            exec(code, ns)
-            for key, value in ns.items():
-                if key in names and key != "config":
-                    setattr(cfg, key, value)
+    """config files (Python that edits `config`) and --key=value overrides, in order; see configurator.py."""
+    cfg = configure(TrainConfig(), argv, Stage=Stage, TrainConfig=TrainConfig)
     cfg.stages = [s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (tuple, list)) else Stage(**s)
                   for s in cfg.stages]
     cfg.betas = tuple(cfg.betas)
@@ -177,49 +145,45 @@ def load_config(argv):
 # -----------------------------------------------------------------------------
 # Data: rows -> (prompt ids, gold answer), a seeded order, and a position saved with each checkpoint
 
-
-def all_sum(d, t):
-    return D.all_reduce(t, d)
-
-
-def all_max(d, t):
-    return D.all_reduce(t, d, op=ReduceOp.MAX)
-
-
 def load_rows(path):
-    if path.endswith(".parquet"):
-        try:
+    """A JSON list, JSONL or parquet file -> its rows (encode_rows decides which are usable)."""
+    try:
+        if path.endswith(".parquet"):
             import pyarrow.parquet as pq
-        except ImportError:
-            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSON")
-        return pq.read_table(path).to_pylist()
-    with open(path) as f:
-        text = f.read()
-    if path.endswith(".jsonl"):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return pq.read_table(path).to_pylist()
+        with open(path) as f:
+            rows = [json_or_none(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+    except ImportError:
+        raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSON")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read training data ({e})") from e
+    if not isinstance(rows, list):
         raise SystemExit(f"{path}: expected a list of objects with 'problem' and 'answer'")
     return rows
 
+def json_or_none(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # a malformed JSONL row: encode_rows drops and counts it
 
 def usable_answer(row):
-    answer = row.get("answer")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        return str(answer)
-    if isinstance(answer, str) and answer.strip():
-        return answer.strip()
-    if isinstance(row.get("solution"), str):  # fall back to the solution's boxed answer
+    """eval.py's reading of the answer (so training and validation agree on a gold), else the solution's
+    boxed answer."""
+    golds = E.gold_strings(row.get("answer"))
+    if golds:
+        return golds[0]
+    if isinstance(row.get("solution"), str):
         from reward import extract_answer
         return extract_answer(row["solution"], require_think=False)
     return None
 
-
 def encode_rows(rows, tok, cfg, source):
-    """(prompt ids, gold) for usable rows; counts of what was dropped, so the user sees it."""
+    """(prompt ids, gold) for usable rows; counts of what was dropped, so the user sees it. A row that is
+    not an object counts as one without a problem: a malformed row is never a crash."""
     items, counts = [], {"rows": len(rows), "no_problem": 0, "no_answer": 0, "too_long": 0}
     for r in rows:
+        r = r if isinstance(r, dict) else {}
         problem, gold = r.get("problem"), usable_answer(r)
         if not isinstance(problem, str) or not problem.strip():
             counts["no_problem"] += 1
@@ -235,7 +199,6 @@ def encode_rows(rows, tok, cfg, source):
     if not items:
         raise SystemExit(f"{source}: no usable rows ({counts})")
     return items, counts
-
 
 class PromptStream:
     """An endless seeded shuffle: epoch e is randperm(seed + e); `pos` counts prompts consumed so far."""
@@ -258,6 +221,8 @@ class PromptStream:
 # -----------------------------------------------------------------------------
 # Rollout: generate, grade, keep (dynamic sampling), advantages
 
+def all_max(d, t):
+    return D.all_reduce(t, d, op=ReduceOp.MAX)
 
 @dataclass
 class Sample:
@@ -269,7 +234,6 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
 
-
 def generate(engine, tok, batch, cfg, stage, seed, first_prompt_index):
     comps = engine.generate([p for p, _ in batch], max_new_tokens=stage.max_response_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -278,33 +242,27 @@ def generate(engine, tok, batch, cfg, stage, seed, first_prompt_index):
     return [Sample(batch[i // stage.group_size][0], list(c.token_ids), list(c.logprobs), c.finish_reason,
                    batch[i // stage.group_size][1]) for i, c in enumerate(comps)]
 
-
 def grade(grader, tok, samples, cfg):
     eos = set(tok.eos_token_ids)
     texts = [tok.decode(s.response[:-1] if s.response and s.response[-1] in eos else s.response) for s in samples]
     return grader.grade(texts, [s.gold for s in samples], require_think=cfg.require_think)
-
 
 def rollout_seed(cfg, step, rnd):
     """The same on every rank: the engine keys each draw by the prompt's global index instead, so the
     samples do not depend on how many ranks share the step."""
     return (cfg.seed * 1_000_003 + step * 1009 + rnd) * 131
 
-
 def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
     """This rank's samples for the step (prompt-major, group after group) and a future of their rewards.
     With dynamic sampling, groups whose answers all got the same reward (zero advantage: no signal) are
     dropped and refilled from the next prompts, for at most max_sampling_rounds rounds."""
-    share = cfg.prompts_per_step // ctx.world_size
-    g = stage.group_size
-    if not cfg.dynamic_sampling:
-        batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
-        samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, 0), ctx.rank * share)
-        return samples, pool.submit(grade, grader, tok, samples, cfg), {}
+    share, g = cfg.prompts_per_step // ctx.world_size, stage.group_size
     kept, dropped, rnd = [], 0, 0
     while True:
         batch = data.take(cfg.prompts_per_step)[ctx.rank * share:(ctx.rank + 1) * share]
         samples = generate(engine, tok, batch, cfg, stage, rollout_seed(cfg, step, rnd), ctx.rank * share)
+        if not cfg.dynamic_sampling:
+            return samples, pool.submit(grade, grader, tok, samples, cfg), {}
         for s, r in zip(samples, grade(grader, tok, samples, cfg)):
             s.reward = float(r)
         for i in range(0, len(samples), g):
@@ -322,7 +280,6 @@ def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
     done = pool.submit(lambda: [s.reward for s in kept])
     return kept, done, {"dropped_groups": dropped, "sampling_rounds": rnd}
 
-
 def set_advantages(samples, rewards, cfg, stage, step):
     r = torch.tensor(rewards, dtype=torch.float32)
     adv = grpo.group_advantages(r, stage.group_size, scale_by_std=not cfg.dr_grpo) if len(r) else r
@@ -334,7 +291,6 @@ def set_advantages(samples, rewards, cfg, stage, step):
 
 # -----------------------------------------------------------------------------
 # Packing: (prompt + response) sequences back to back, up to token_budget tokens per micro-batch
-
 
 @dataclass
 class Micro:
@@ -349,7 +305,6 @@ class Micro:
     old_logp: torch.Tensor = None  # [N] None: on-policy (the first mini-batch of a step)
     ref_logp: torch.Tensor = None  # [N] None: no KL term
 
-
 def pack(samples, budget, overlong_filter, device):
     """Greedy in order: a sequence that would overflow the budget starts the next micro-batch."""
     groups, cur, n = [], [], 0
@@ -363,7 +318,6 @@ def pack(samples, budget, overlong_filter, device):
     if cur:
         groups.append(cur)
     return [build_micro(g, overlong_filter, device) for g in groups]
-
 
 def build_micro(samples, overlong_filter, device):
     ids, tgt, mask, elp, lens = [], [], [], [], []
@@ -383,21 +337,16 @@ def build_micro(samples, overlong_filter, device):
     return Micro(t(ids, torch.long), positions, M.Varlen.from_seqlens(lens, device), t(tgt, torch.long),
                  t(mask, torch.float32), t(elp, torch.float32), samples)
 
-
 def fill_advantages(micro):
-    if not micro.samples:
-        micro.adv = torch.zeros_like(micro.mask)
-        return
-    per_seq = torch.tensor([s.advantage for s in micro.samples], device=micro.mask.device)
+    # [0.0]: an empty (padding) micro-batch's one dummy token
+    per_seq = torch.tensor([s.advantage for s in micro.samples] or [0.0], device=micro.mask.device)
     micro.adv = grpo.expand_to_tokens(per_seq, micro.meta.cu_seqlens.long())
-
 
 def split_mini_batches(samples, cfg, stage):
     """Whole groups per mini-batch; the same number of mini-batches on every rank."""
     groups = [samples[i:i + stage.group_size] for i in range(0, len(samples), stage.group_size)]
-    k = cfg.mini_batches
-    per = math.ceil(len(groups) / k) if groups else 0
-    return [sum(groups[i * per:(i + 1) * per], []) for i in range(k)]
+    per = math.ceil(len(groups) / cfg.mini_batches) if groups else 0
+    return [sum(groups[i * per:(i + 1) * per], []) for i in range(cfg.mini_batches)]
 
 def gather_samples(samples, ctx):
     """Every rank's samples, rank after rank (= the step's global prompt order, groups intact)."""
@@ -406,24 +355,24 @@ def gather_samples(samples, ctx):
     parts = D.all_gather_objects([(s.prompt, s.response, s.engine_logp, s.finish, s.gold, s.reward) for s in samples], ctx)
     return [Sample(*fields) for part in parts for fields in part]
 
-
-def rank_share(mini_batch, ctx):
-    """This rank's part of a mini-batch: sequences dealt so that every rank gets about the same number of
-    tokens (D.balance is deterministic, so the ranks agree without talking)."""
-    if not ctx.enabled:
-        return mini_batch
-    parts = D.balance([len(s.prompt) + len(s.response) for s in mini_batch], ctx.world_size)
-    return [mini_batch[i] for i in parts[ctx.rank]]
+def micro_batches(mini_batch, cfg, ctx):
+    """This rank's micro-batches of a mini-batch: sequences dealt so that every rank gets about the same
+    number of tokens (D.balance is deterministic, so the ranks agree without talking), packed, and padded
+    with empty micro-batches so that every rank runs the same number (FSDP's collectives need it)."""
+    if ctx.enabled:
+        parts = D.balance([len(s.prompt) + len(s.response) for s in mini_batch], ctx.world_size)
+        mini_batch = [mini_batch[i] for i in parts[ctx.rank]]
+    micros = pack(mini_batch, cfg.token_budget, cfg.overlong_filter, ctx.device)
+    n = int(all_max(ctx, torch.tensor(len(micros), device=ctx.device)).item())
+    return micros + [build_micro([], cfg.overlong_filter, ctx.device) for _ in range(n - len(micros))]
 
 # -----------------------------------------------------------------------------
 # Log-probs and the update
-
 
 def autocast(cfg, ctx):
     if ctx.device.type == "cuda" and cfg.compute_dtype != "float32":
         return torch.autocast("cuda", dtype=M.DTYPES[cfg.compute_dtype])
     return torch.autocast("cpu", enabled=False)
-
 
 @torch.no_grad()
 def logprobs(model, micro, cfg, ctx):
@@ -431,21 +380,14 @@ def logprobs(model, micro, cfg, ctx):
         return model(micro.input_ids, micro.positions, micro.meta, targets=micro.targets,
                      temperature=cfg.temperature).float()
 
-
-def pad_micros(micros, ctx, overlong_filter):
-    """Every rank runs the same number of micro-batches (FSDP's collectives need it): pad with empty ones."""
-    n = int(all_max(ctx, torch.tensor(len(micros), device=ctx.device)).item())
-    return micros + [build_micro([], overlong_filter, ctx.device) for _ in range(n - len(micros))]
-
-
 def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     """One optimizer step over a mini-batch. The loss is normalised by the global count (tokens, or
     sequences for seq-mean aggregations) over all micro-batches and ranks, so N ranks equal 1 rank."""
     agg = "seq-mean-token-sum-norm" if cfg.dr_grpo else cfg.loss_agg
     if agg == "micro-batch-mean":
-        norm = all_sum(ctx, torch.tensor(float(len(micros)), device=ctx.device))
+        norm = D.all_reduce(torch.tensor(float(len(micros)), device=ctx.device), ctx)
     else:
-        norm = all_sum(ctx, sum(grpo.loss_normaliser(m.mask, agg, m.meta.cu_seqlens.long()) for m in micros))
+        norm = D.all_reduce(sum(grpo.loss_normaliser(m.mask, agg, m.meta.cu_seqlens.long()) for m in micros), ctx)
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=ctx.device)
     for m in micros:
@@ -460,11 +402,9 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
         # gradients are averaged over ranks (DDP/FSDP convention): scale back up to the global sum
         (loss * ctx.world_size).backward()
         loss_sum += loss.detach()
-        tokens = met["tokens"]
-        acc.add("clip_frac", met["clip_frac"], tokens)
-        acc.add("pg_loss", met["pg_loss"], tokens)
-        acc.add("kl", met.get("kl", torch.zeros(())), tokens)
-        acc.add("entropy", (ent.detach().float() * m.mask).sum() / tokens.clamp(min=1), tokens)
+        for name in ("clip_frac", "pg_loss", "kl"):  # kl is absent without a reference
+            acc.add(name, met.get(name, torch.zeros(())), met["tokens"])
+        acc.add("entropy", (ent.detach().float() * m.mask).sum() / met["tokens"].clamp(min=1), met["tokens"])
         if m.old_logp is None:  # on-policy: this forward is the trainer's recomputation of the engine's
             acc.disagreement(logp.detach(), m)
     sync_grads(model, ctx)
@@ -477,16 +417,14 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     opt.zero_grad(set_to_none=True)
     return ok, float(grad_norm)
 
-
 def sync_grads(model, ctx):
     """Plain data parallelism: average gradients over ranks. (An FSDP-wrapped model reduces its own.)"""
     if ctx.world_size == 1 or getattr(model, "reduces_own_grads", False):
         return
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=ReduceOp.SUM)
+            D.all_reduce(p.grad, ctx)
             p.grad.div_(ctx.world_size)
-
 
 class Accumulator:
     """Token-weighted means of per-micro-batch metrics, kept on the device until the step's one sync."""
@@ -510,98 +448,22 @@ class Accumulator:
             return {}
         packed = torch.stack([torch.as_tensor(self.sums[n], device=self.device).float() for n in names] +
                              [torch.as_tensor(self.weights[n], device=self.device).float() for n in names])
-        packed = all_sum(ctx, packed).tolist()
+        packed = D.all_reduce(packed, ctx).tolist()
         out = {n: packed[i] / max(packed[i + len(names)], 1e-12) for i, n in enumerate(names)}
         out["logp_diff_max"] = float(all_max(ctx, self.dmax.clone()))
         return out
 
 # -----------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint (sharded-ready), atomic rename, last K kept, HF export
-
-
-def ckpt_dirs(out_dir):
-    root = os.path.join(out_dir, "ckpt")
-    if not os.path.isdir(root):
-        return []
-    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-
-
-@contextlib.contextmanager
-def quiet_single_process(ctx):
-    """DCP warns that it assumes one process when there is no process group: that is the intent here."""
-    with warnings.catch_warnings():
-        if not ctx.enabled:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def save_checkpoint(cfg, ctx, model, opt, ref, state):
-    from torch.distributed.checkpoint import save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final = os.path.join(cfg.out_dir, "ckpt", f"step_{state['step']:06d}")
-    tmp = final + ".tmp"
-    if ctx.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    D.barrier(ctx)
-    msd, osd = get_state_dict(model, opt)
-    payload = {"model": msd, "optim": osd}
-    if ref is not None and state["stage"] > 0:  # stage 0's reference is init_from; later ones are saved
-        payload["ref"] = ref.state_dict()
-    with quiet_single_process(ctx):
-        save(payload, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if ctx.device.type == "cuda" else None}
-    torch.save({**state, "rng": rng}, os.path.join(tmp, f"trainer_rank{ctx.rank}.pt"))
-    D.barrier(ctx)
-    full = None
-    if cfg.export_hf and ctx.enabled:  # every rank takes part in gathering the shards; rank 0 writes
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # a checkpoint folder exists only once it is complete
-        for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        if cfg.export_hf:
-            M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), source_path=cfg.init_from, state_dict=full)
-    D.barrier(ctx)
-
-
-def load_checkpoint(path, ctx, model, opt, ref):
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    state = torch.load(os.path.join(path, f"trainer_rank{ctx.rank}.pt"), weights_only=False)
-    msd, osd = get_state_dict(model, opt)
-    payload = {"model": msd, "optim": osd}
-    if ref is not None and state["stage"] > 0:
-        payload["ref"] = ref.state_dict()
-    with quiet_single_process(ctx):
-        load(payload, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
-    if "ref" in payload:
-        ref.load_state_dict(payload["ref"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state
-
-# -----------------------------------------------------------------------------
-# Logging (the plot is plot.py)
-
-
-def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
+# The loop, its log (metrics.jsonl; the plot is plot.py) and its console line
 
 def truncate_log(path, step):
-    """A resumed run rewrites the steps the killed run logged after its last checkpoint."""
-    if os.path.exists(path):
+    """A fresh run starts an empty log; a resumed one rewrites what the killed run logged after its checkpoint."""
+    rows = []
+    if step and os.path.exists(path):
         with open(path) as f:
             rows = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
+    with open(path, "w") as f:
+        f.writelines(rows)
 
 def console_line(row, total, elapsed, steps_done):
     eta = elapsed / max(steps_done, 1) * (total - row["step"] - 1)
@@ -611,14 +473,8 @@ def console_line(row, total, elapsed, steps_done):
             f"dlogp {row.get('logp_diff_mean', 0):.1e} | {row['time_step']:.2f}s "
             f"({row['gen_tokens_per_s']:.0f} gen tok/s) | ETA {eta / 60:.1f}m")
 
-
-# -----------------------------------------------------------------------------
-# The loop
-
-
 class TrainingDiverged(RuntimeError):
     pass
-
 
 def build(cfg, ctx):
     """Policy (float32 master weights), frozen reference, and the engine's own copy of the weights."""
@@ -627,9 +483,8 @@ def build(cfg, ctx):
     model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=torch.float32)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     low = M.DTYPES[cfg.compute_dtype] if ctx.device.type == "cuda" else torch.float32
-    ref = None
-    if cfg.kl_coef:
-        ref = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=low).eval().requires_grad_(False)
+    ref = (M.from_pretrained(cfg.init_from, device=ctx.device, dtype=low).eval().requires_grad_(False)
+           if cfg.kl_coef else None)
     if ctx.enabled and cfg.fsdp:
         # FSDP2: each rank keeps 1/world of the float32 master weights, gradients and AdamW moments; layers
         # compute in `low` and gradients are reduce-scattered in float32. The frozen reference is sharded too.
@@ -644,7 +499,6 @@ def build(cfg, ctx):
                     memory_budget=kv_pool_budget(cfg, ctx, model), vocab_limit=tok.vocab_size,
                     eos_token_ids=tok.eos_token_ids)
     return tok, model, ref, engine
-
 
 def kv_pool_budget(cfg, ctx, model):
     """The engine's KV pool is sized once and sits beside the trainer for the whole run: on a GPU it gets
@@ -661,10 +515,8 @@ def kv_pool_budget(cfg, ctx, model):
                          f"{(12 * local) / 2**30 + cfg.trainer_reserve_gb:.1f} GB): lower trainer_reserve_gb or token_budget")
     return budget
 
-
 def make_optimizer(model, cfg):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
 
 def rollout_stats(samples, rewards, group_size, ctx):
     """Global (all-rank) reward / length / group statistics of the step's samples."""
@@ -674,34 +526,20 @@ def rollout_stats(samples, rewards, group_size, ctx):
     t = torch.tensor([sum(rewards), sum(r >= 1.0 for r in rewards), len(samples), sum(lens),
                       sum(s.finish == "length" for s in samples), sum(min(g) >= 1.0 for g in groups),
                       sum(max(g) <= 0.0 for g in groups), n_groups], dtype=torch.float64, device=ctx.device)
-    t = all_sum(ctx, t).tolist()
+    t = D.all_reduce(t, ctx).tolist()
     mx = int(all_max(ctx, torch.tensor(max(lens, default=0), device=ctx.device)).item())
     n, g = max(t[2], 1), max(t[7], 1)
     return {"reward_mean": t[0] / n, "accuracy": t[1] / n, "samples": int(t[2]), "response_len_mean": t[3] / n,
             "response_len_max": mx, "gen_tokens": int(t[3]), "truncated_frac": t[4] / n,
             "all_correct_frac": t[5] / g, "all_wrong_frac": t[6] / g}
 
-
-class PromptTokenizer:
-    """The tokenizer with this recipe's instruction in chat_prompt, so validation asks what training asks."""
-
-    def __init__(self, tok, instruction):
-        self.tok, self.instruction = tok, instruction
-
-    def chat_prompt(self, problem, instruction=None, think=None):
-        return self.tok.chat_prompt(problem, instruction=self.instruction, think=think)
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
-
-
 def validate(cfg, ctx, engine, tok, grader, stage, step):
     """Periodic validation through eval.py's own code (its prompts, grading and pass@1)."""
-    import eval as E
     datasets = {os.path.splitext(os.path.basename(p))[0]: E.load_dataset(p)[0] for p in cfg.val_data.split(",") if p}
-    res = E.evaluate(engine, PromptTokenizer(tok, cfg.instruction), datasets, n=cfg.val_n,
-                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                     max_tokens=cfg.val_max_tokens or stage.max_response_tokens, seed=cfg.seed + step,
+    vtok = copy.copy(tok)  # eval.py's prompts with this recipe's instruction: validation asks what training asks
+    vtok.chat_prompt = functools.partial(tok.chat_prompt, instruction=cfg.instruction)
+    res = E.evaluate(engine, vtok, datasets, n=cfg.val_n, temperature=cfg.temperature, top_p=cfg.top_p,
+                     top_k=cfg.top_k, max_tokens=cfg.val_max_tokens or stage.max_response_tokens, seed=cfg.seed + step,
                      require_think=cfg.require_think, max_prompt_tokens=cfg.max_prompt_tokens, grader=grader,
                      rank=ctx.rank, world_size=ctx.world_size, progress=False)
     out = {f"val_{name}": r["pass@1"] for name, r in res["datasets"].items()}
@@ -710,11 +548,8 @@ def validate(cfg, ctx, engine, tok, grader, stage, step):
         out["val_accuracy"] = sum(scores) / len(scores)
     return out
 
-
 def run(cfg, ctx, grader):
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     master = ctx.rank == 0
     say = print if master else (lambda *a, **k: None)
     if cfg.prompts_per_step % ctx.world_size:
@@ -734,13 +569,10 @@ def run(cfg, ctx, grader):
         state = load_checkpoint(path, ctx, model, opt, ref)
         step, pos, bad = state["step"], state["data_pos"], state["bad_steps"]
         say(f"resumed from {path}: step {step}, data position {pos}")
-    elif master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
     if master:
         truncate_log(metrics_path, step)
     data = PromptStream(items, cfg.seed, pos)
-    total = cfg.total_steps()
-    last = min(total, cfg.max_steps) if cfg.max_steps else total
+    last = min(cfg.total_steps(), cfg.max_steps or cfg.total_steps())
     rows, t_run, first = [], time.time(), step
     pool = ThreadPoolExecutor(1)  # grading runs beside the log-prob passes
     while step < last:
@@ -760,14 +592,14 @@ def run(cfg, ctx, grader):
         t_gen = time.time()
         # mini-batches are cut from the whole step's groups, then each rank takes a token-balanced share
         everyone = gather_samples(samples, ctx)
-        plans = [pad_micros(pack(rank_share(mb, ctx), cfg.token_budget, cfg.overlong_filter, ctx.device), ctx,
-                            cfg.overlong_filter) for mb in split_mini_batches(everyone, cfg, stage)]
+        plans = [micro_batches(mb, cfg, ctx) for mb in split_mini_batches(everyone, cfg, stage)]
+        micros = [m for p in plans for m in p]
         acc = Accumulator(ctx.device)
         if ref is not None:
-            for m in (m for plan in plans for m in plan):
+            for m in micros:
                 m.ref_logp = logprobs(ref, m, cfg, ctx)
         t_ref = time.time()
-        for m in (m for plan in plans[1:] for m in plan):  # the first mini-batch is on-policy: skipped
+        for m in (m for p in plans[1:] for m in p):  # the first mini-batch is on-policy: skipped
             m.old_logp = logprobs(model, m, cfg, ctx)
             acc.disagreement(m.old_logp, m)
         t_old = time.time()
@@ -775,20 +607,20 @@ def run(cfg, ctx, grader):
         t_grade = time.time()
         all_rewards = [r for part in D.all_gather_objects(list(rewards), ctx) for r in part]
         set_advantages(everyone, all_rewards, cfg, stage, step)
-        for m in (m for plan in plans for m in plan):
+        for m in micros:
             fill_advantages(m)
-        results = [train_mini_batch(model, opt, plan, cfg, stage, ctx, acc) for plan in plans]
+        results = [train_mini_batch(model, opt, p, cfg, stage, ctx, acc) for p in plans]
         t_upd = time.time()
         skipped = sum(not ok for ok, _ in results)
         bad = bad + 1 if skipped else 0
         row = {"step": step, "stage": si, "lr": lr, **rollout_stats(samples, rewards, stage.group_size, ctx),
                **acc.result(ctx), **extra, "grad_norm": sum(g for _, g in results) / len(results),
                "skipped_updates": skipped, "data_pos": data.pos}
-        train_tokens = int(all_sum(ctx, torch.tensor(sum(m.input_ids.numel() for p in plans for m in p), device=ctx.device)).item())
+        train_tokens = D.all_reduce(torch.tensor(sum(m.input_ids.numel() for m in micros), device=ctx.device), ctx)
         row.update(time_sync=t_sync - t0, time_rollout=t_gen - t_sync, time_ref=t_ref - t_gen,
                    time_old=t_old - t_ref, time_grade_wait=t_grade - t_old, time_update=t_upd - t_grade,
                    gen_tokens_per_s=row["gen_tokens"] / max(t_gen - t_sync, 1e-9),
-                   train_tokens_per_s=train_tokens / max(t_upd - t_grade, 1e-9))
+                   train_tokens_per_s=train_tokens.item() / max(t_upd - t_grade, 1e-9))
         if skipped:
             say(f"step {step}: non-finite loss or gradient in {skipped} mini-batch(es); update skipped "
                 f"({bad} in a row, stopping at {cfg.max_bad_steps})")
@@ -800,7 +632,8 @@ def run(cfg, ctx, grader):
         row["time_step"] = time.time() - t0
         rows.append(row)
         if master:
-            log_row(metrics_path, row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
             if (step - 1) % cfg.log_interval == 0 or step == last:
                 print(console_line(row, last, time.time() - t_run, step - first), flush=True)
         if bad >= cfg.max_bad_steps:  # logged first, so the metrics show the failures
@@ -821,7 +654,6 @@ def run(cfg, ctx, grader):
         from plot import plot
         plot(cfg.out_dir)
     return rows
-
 
 def train(cfg):
     from reward import Grader
@@ -846,16 +678,13 @@ def train(cfg):
         finally:
             D.teardown()
 
-
 def main(argv):
     plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
-    if plot_dirs:
-        from plot import plot
-        for d in plot_dirs:
-            plot(d)
-        return
-    train(load_config(argv))
-
+    if not plot_dirs:
+        return train(load_config(argv))
+    from plot import plot
+    for d in plot_dirs:
+        plot(d)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
