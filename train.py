@@ -461,9 +461,15 @@ def truncate_log(path, step):
     rows = []
     if step and os.path.exists(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+            rows = [line.rstrip("\n") + "\n" for line in f if -1 < logged_step(line) < step]
     with open(path, "w") as f:
         f.writelines(rows)
+
+def logged_step(line):
+    try:
+        return json.loads(line).get("step", -1)
+    except (json.JSONDecodeError, AttributeError):  # a line the kill cut short
+        return -1
 
 def console_line(row, total, elapsed, steps_done):
     eta = elapsed / max(steps_done, 1) * (total - row["step"] - 1)

@@ -241,3 +241,12 @@ def test_demo_learns_and_shuffled_advantages_do_not(tmp_path, inputs):
     assert end["grpo"] - start["grpo"] >= 0.05
     assert end["shuffled"] - start["shuffled"] <= 0.02
     assert end["grpo"] - end["shuffled"] >= 0.12
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "r": 1}\n{"step": 1, "r": 2}\n{"step": 2, "r": 3}\n{"step": 3, "r"')
+    T.truncate_log(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]
+    T.truncate_log(str(path), 0)  # a fresh run starts an empty log
+    assert path.read_text() == ""
