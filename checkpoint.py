@@ -65,7 +65,8 @@ def save_checkpoint(cfg, ctx, model, opt, ref, state):
 def load_checkpoint(path, ctx, model, opt, ref):
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    state = torch.load(os.path.join(path, f"trainer_rank{ctx.rank}.pt"), weights_only=False)
+    mine = os.path.join(path, f"trainer_rank{ctx.rank}.pt")  # absent when resuming on more ranks than saved
+    state = torch.load(mine if os.path.exists(mine) else os.path.join(path, "trainer_rank0.pt"), weights_only=False)
     payload = dcp(load, path, ctx, model, opt, ref, state["stage"])
     set_state_dict(model, opt, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
     if "ref" in payload:

@@ -195,8 +195,11 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     vocab = weight.shape[0]
     cv = int(chunk_vocab or min(vocab, 8192))
     ct = int(chunk_tokens or max(16, _TILE_BYTES // (4 * cv)))
-    out = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                               1.0 / float(temperature), bool(return_entropy), max(1, ct), max(1, cv))
+    # the caller's autocast must not reach inside: it would round the forward's logits to bf16 while the
+    # backward (which runs outside autocast) recomputes them in float32 against that forward's log-sum-exp
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+                                   1.0 / float(temperature), bool(return_entropy), max(1, ct), max(1, cv))
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)

@@ -249,6 +249,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(N, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)
+        # cos/sin in q's dtype: under autocast q is bf16 and must stay so (flash-attn, bf16 SDPA)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         if isinstance(meta, Varlen):
@@ -334,7 +336,11 @@ class Qwen2(nn.Module):
         h = self.hidden_states(input_ids, positions, meta, kv_cache)
         if targets is None:
             return h
-        return token_logprobs(h, self.lm_head.weight, targets, temperature=temperature, return_entropy=return_entropy)
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):  # float32 master weights: lm_head in the compute dtype,
+            dtype = torch.get_autocast_dtype(h.device.type)  # float32 accumulation inside token_logprobs
+            h, weight = h.to(dtype), weight.to(dtype)
+        return token_logprobs(h, weight, targets, temperature=temperature, return_entropy=return_entropy)
 
     def hidden_states(self, input_ids, positions, meta, kv_cache=None):
         cfg = self.config

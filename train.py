@@ -385,7 +385,7 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     sequences for seq-mean aggregations) over all micro-batches and ranks, so N ranks equal 1 rank."""
     agg = "seq-mean-token-sum-norm" if cfg.dr_grpo else cfg.loss_agg
     if agg == "micro-batch-mean":
-        norm = D.all_reduce(torch.tensor(float(len(micros)), device=ctx.device), ctx)
+        norm = D.all_reduce(torch.tensor(float(sum(1 for m in micros if m.samples)), device=ctx.device), ctx)
     else:
         norm = D.all_reduce(sum(grpo.loss_normaliser(m.mask, agg, m.meta.cu_seqlens.long()) for m in micros), ctx)
     opt.zero_grad(set_to_none=True)
@@ -411,7 +411,8 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over ranks
         grad_norm = grad_norm.full_tensor()
-    ok = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    bad = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
+    ok = not D.all_reduce(bad, ctx, op=ReduceOp.MAX).item()  # every rank steps, or none does
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)

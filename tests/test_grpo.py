@@ -468,3 +468,19 @@ def test_on_policy_old_logp_none_and_errors():
                     loss_agg="seq-mean-token-mean")
     with pytest.raises(ValueError, match="loss_agg"):
         policy_loss(logp, old, ref, adv, mask, loss_agg="sum")
+
+
+def test_token_logprobs_ignore_the_callers_autocast():
+    """Under autocast a float32 matmul would be rounded to bf16 in the forward only (the backward runs
+    outside autocast): token_logprobs must give the float32 result and gradients there too."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(33, 16, generator=g) * 3).requires_grad_()
+    w = (torch.randn(50, 16, generator=g) * 3).requires_grad_()
+    y = torch.randint(0, 50, (33,), generator=g)
+    want = token_logprobs(h, w, y, temperature=0.6)
+    (gh_want,) = torch.autograd.grad(want.sum(), h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_logprobs(h, w, y, temperature=0.6)
+    (gh_got,) = torch.autograd.grad(got.sum(), h)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh_got, gh_want, rtol=1e-5, atol=1e-5)

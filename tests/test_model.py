@@ -258,3 +258,24 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<nope>"}))
     with pytest.raises(M.CheckpointError, match="'<nope>' is not in the vocabulary"):
         M.Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_autocast_forward_keeps_bf16_and_logprobs_close():
+    """float32 master weights under bf16 autocast (one-GPU training): attention inputs stay bf16 and the
+    lm_head log-probs are bf16 products with float32 accumulation, close to the float32 values."""
+    m = random_model(tiny_config(), seed=8)
+    ids = torch.randint(0, 128, (20,))
+    meta, pos = M.Varlen.from_seqlens([12, 8]), torch.cat([torch.arange(12), torch.arange(8)])
+    seen = []
+    real = M.ATTENTION["varlen"]
+    M.ATTENTION["varlen"] = lambda q, *a: seen.append(q.dtype) or real(q, *a)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = m(ids, pos, meta, targets=ids)
+    finally:
+        M.ATTENTION["varlen"] = real
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    want = m(ids, pos, meta, targets=ids)
+    assert logp.dtype == torch.float32 and (logp - want).abs().max() < 0.15
+    logp.sum().backward()
+    assert m.lm_head.weight.grad is not None and torch.isfinite(m.lm_head.weight.grad).all()

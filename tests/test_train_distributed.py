@@ -139,3 +139,10 @@ def test_two_ranks_equal_one_rank_kill_resume_and_stage_switch(tmp_path, inputs,
     T.train(config(inputs, killed, resume=True))
     assert close(weights(killed), w1)
     assert [r["step"] for r in metrics(killed)] == [0, 1, 2]
+
+    # 4) and the other way: killed in one process, resumed on 2 ranks (1 -> 2)
+    grown = tmp_path / "grown"
+    T.train(config(inputs, grown, stop_at_step=2))
+    torchrun(tmp_path, inputs, grown, 2, resume=True)
+    assert close(weights(grown), w1)
+    assert [r["step"] for r in metrics(grown)] == [0, 1, 2]
