@@ -463,8 +463,9 @@ def truncate_log(path, step):
     if step and os.path.exists(path):
         with open(path) as f:
             rows = [line.rstrip("\n") + "\n" for line in f if -1 < logged_step(line) < step]
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # the old log stays whole until the new one is
         f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 def logged_step(line):
     try:
