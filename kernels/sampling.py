@@ -1,10 +1,11 @@
 """
-Token sampling with counter-based randomness: the plain-PyTorch twin (sample_torch).
+Token sampling with counter-based randomness: the plain-PyTorch twin (sample_torch) and the fused
+Triton kernel (sample).
 
 Every random number is a pure function of (seed, prompt index, sample index, position, vocab id), so a
 sample never depends on batch composition, on preemption and recompute, or on which device or kernel
-drew it, and per-row keys can sit in device tensors under a captured CUDA graph. A fused Triton kernel
-added here later must reproduce `uniform()` bit for bit and `sample_torch` token for token.
+drew it, and per-row keys can sit in device tensors under a captured CUDA graph. The fused Triton kernel
+(`sample`) reproduces `uniform()` bit for bit and `sample_torch` token for token.
 
 The hash (all values are unsigned 32-bit integers, arithmetic wraps mod 2^32; here they are held in
 int64 tensors and masked with & 0xFFFFFFFF, so no op ever overflows int64 - in Triton use tl.uint32):
@@ -22,7 +23,13 @@ seed is taken mod 2^32 (use fold_seed() for wider seeds); the other fields must 
 Sampling (exponential race, the Gumbel-max trick written in log space): with z = logits / T and the
 filtered set S (ids < vocab_limit, then top-k, then top-p on the renormalised top-k distribution),
     token = argmax_{i in S}  z_i - log(-log u_i)
-which draws i with probability softmax(z restricted to S)_i. No sort is needed without top-p/top-k.
+which draws i with probability softmax(z restricted to S)_i. S is a prefix of the row sorted by z
+descending, ties by lower id. The twin finds it with a sort; the kernel finds its last value tau with
+searches over the float order (each pass counts, or sums the mass of, the entries above 16 candidate
+values) and keeps z > tau plus the lowest-id ties at tau. top_p >= 1 is off. Both compute the top-p mass
+in float32 in different orders, so where the mass before a token is within rounding of top_p (seen up
+to ~1e-5 on a flat 20,000-entry row, where the twin's own float32 softmax sum is that far from float64)
+the two may keep a token or two more or fewer; a draw differs only if it lands on one of them.
 The returned log-prob is log_softmax(logits / T) of the drawn token over the whole vocabulary, before
 filtering: the quantity the trainer recomputes. T = 0 is greedy (argmax over ids < vocab_limit) with
 the log-prob under T = 1.
@@ -83,7 +90,8 @@ def filter_mask(z, top_p, top_k):
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)
     keep = rank[None, :] < k[:, None]
     p = torch.softmax(sorted_z.masked_fill(~keep, float("-inf")), dim=-1)
-    keep &= (p.cumsum(-1) - p) < top_p[:, None]
+    # top_p >= 1 is off: float32 cumsums reach 1.0 early and would drop a tail of tiny but nonzero mass
+    keep &= ((p.cumsum(-1) - p) < top_p[:, None]) | (top_p[:, None] >= 1)
     return torch.zeros_like(keep).scatter_(-1, order, keep)
 
 
@@ -204,7 +212,7 @@ def _search(row, V, limit, div, m, z_norm, need, lo, hi, MASS: tl.constexpr, BLO
 @triton.jit
 def _sample_kernel(logits_ptr, s_row, temp_ptr, top_p_ptr, top_k_ptr, seed_ptr, prompt_ptr, sidx_ptr, pos_ptr,
                    tok_ptr, lp_ptr, V, vocab_limit, FILTER: tl.constexpr, BLOCK_V: tl.constexpr,
-                   PROBES: tl.constexpr):
+                   BLOCK_S: tl.constexpr, PROBES: tl.constexpr):
     """One program per row. Pass 1: temperature, log-sum-exp (for the log-prob), the counter-based
     uniforms and the exponential race with a running first-index argmax. With FILTER, rows with top-k
     and/or top-p then find the kept set's boundary value tau by searches over the float order (_search,
@@ -255,17 +263,19 @@ def _sample_kernel(logits_ptr, s_row, temp_ptr, top_p_ptr, top_k_ptr, seed_ptr, 
         # top-k: tau_k = the k-th largest z = f(t - 1) for the smallest t with #{z >= f(t)} < k;
         # #{z > tau_k} and their mass come back with it (measured at t)
         t_k, n_gt, mass_gt = _search(row, V, vocab_limit, div, m_lim, 1.0, k, k_min,
-                                     tl.where(k_on, k_max + 1, k_min + 1), False, BLOCK_V, PROBES)
+                                     tl.where(k_on, k_max + 1, k_min + 1), False, BLOCK_S, PROBES)
         tau_k = _unkey(t_k - 1)
         ties_k = k - n_gt  # how many of the entries equal to tau_k top-k keeps: the lowest ids
         z_norm = tl.where(k_on, mass_gt + ties_k * tl.exp(tau_k - m_lim), s_lim)  # top-p renormalises over top-k
         # top-p: a token is kept while the mass strictly before it (sorted order) is < top_p, so
         # tau_p = the smallest z >= tau_k whose mass strictly above is < top_p; G = that mass
         t_p, _, g = _search(row, V, vocab_limit, div, m_lim, z_norm, top_p, t_k - 2,
-                            tl.where(p_on, k_max, t_k - 1), True, BLOCK_V, PROBES)
+                            tl.where(p_on, k_max, t_k - 1), True, BLOCK_S, PROBES)
         tau = _unkey(t_p)
         g = g / z_norm
-        p_tau = tl.exp(tau - m_lim) / z_norm
+        g64 = g.to(tl.float64)
+        p_tau64 = (tl.exp(tau - m_lim) / z_norm).to(tl.float64)
+        top_p64 = top_p.to(tl.float64)
         k_ties = k_on & (tau == tau_k)
         seen = tl.zeros([1], tl.float32)
         best2 = tl.full([1], float("-inf"), tl.float32)
@@ -277,7 +287,8 @@ def _sample_kernel(logits_ptr, s_row, temp_ptr, top_p_ptr, top_k_ptr, seed_ptr, 
             tie = (z == tau) & (ids < vocab_limit)
             j = seen + tl.cumsum(tie.to(tl.float32), axis=0) - tie.to(tl.float32)  # earlier ties of tau
             seen += tl.sum(tie.to(tl.float32), axis=0)
-            tie = tie & (~k_ties | (j < ties_k)) & (~p_on | (g + j * p_tau < top_p))
+            # float64: g + j * p_tau in float32 can round up onto top_p (6 x 0.05 = 0.3000000119 in float32)
+            tie = tie & (~k_ties | (j < ties_k)) & (~p_on | (g64 + j.to(tl.float64) * p_tau64 < top_p64))
             c_best, c_id, c_z = _race_tile(z, ids, v0, key, greedy, (ids < vocab_limit) & ((z > tau) | tie))
             better = c_best > best2
             best_id2 = tl.where(better, c_id, best_id2)
@@ -304,10 +315,12 @@ def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, posi
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
         return tokens, logprobs
-    block_v = block_v or (4096 if logits.is_cuda else 32768)  # the interpreter pays per op, not per element
+    block_v = min(block_v or (4096 if logits.is_cuda else 32768), triton.next_power_of_2(V))
+    # the interpreter pays per op, not per element; on a GPU a search tile is [BLOCK_S, probes] (registers)
+    block_s = max(block_v // 4, 16) if logits.is_cuda else block_v
     _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), top_p.float().contiguous(),
                          top_k.long().contiguous(), seed, prompt_idx, sample_idx, position, tokens, logprobs, V,
                          V if vocab_limit is None else min(vocab_limit, V), FILTER=bool(filtered),
-                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), PROBES=probes,
+                         BLOCK_V=block_v, BLOCK_S=block_s, PROBES=probes,
                          num_warps=8 if logits.is_cuda else 1)
     return tokens, logprobs

@@ -338,6 +338,26 @@ def test_sampling_kernel_filter_edges():
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     assert got[0][3:].tolist() == logits[3:, :390].argmax(-1).tolist()  # tiny top_p / top_k=1: the argmax
+    # top_p = 1 is off in the twin too: a float32 cumsum reaches 1.0 early and used to drop a tail of
+    # tiny but nonzero mass (the kernel keeps the whole top-k)
+    from kernels.sampling import filter_mask
+    z = torch.randn(1, 2000, generator=g).to(DEV) * 10
+    assert int(filter_mask(z, torch.ones(1, device=DEV), torch.tensor([500], device=DEV)).sum()) == 500
+
+
+def test_sampling_kernel_top_p_on_exact_multiples():
+    """20 equal maxima (p = 0.05 each) under top_p = 0.3: the mass before the 7th is 6 x 0.05, below top_p
+    in exact arithmetic (and in the twin) but equal to it in float32, so the kernel must not round it."""
+    from kernels.sampling import sample, sample_torch
+    V, n = 256, 32
+    logits = torch.full((n, V), -40.0, device=DEV)
+    logits[:, 100:120] = 2.0
+    rows = sampling_rows(n, seed=10)
+    rows["top_p"] = torch.full((n,), 0.3, device=DEV)
+    t = torch.ones(n, device=DEV)
+    got, want = sample(logits, t, **rows, block_v=64), sample_torch(logits, t, **rows)
+    assert torch.equal(got[0], want[0])
+    assert set(got[0].tolist()) == set(range(100, 107))
 
 
 # ----------------------------------------------------------------------------- in the engine
