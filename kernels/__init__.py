@@ -109,9 +109,10 @@ def self_check(device, dtype, q_heads, kv_heads, head_dim, block_size, vocab=100
     q = rand(len(pos), q_heads, head_dim)
     want = paged_attention_torch(q.float(), kc.float(), vc.float(), extend, pos, scale)
     torch.testing.assert_close(prefill_attention(q, kc, vc, extend, pos, scale).float(), want, **tol)
-    logits = rand(3, vocab).float() * 3
-    rows = [torch.tensor(x, device=device) for x in ([0.6, 0.0, 1.0], [1.0] * 3, [0] * 3, [7, 7, 2**40], [0, 1, 2],
-                                                     [0, 1, 0], [3, 4, 5])]
+    logits = rand(5, vocab).float() * 3  # plain, greedy, T=1, top-p, top-p + top-k rows
+    rows = [torch.tensor(x, device=device) for x in ([0.6, 0.0, 1.0, 0.6, 0.6], [1.0, 1.0, 1.0, 0.95, 0.9],
+                                                     [0, 0, 0, 0, 50], [7, 7, 2**40, 7, 7], [0, 1, 2, 3, 4],
+                                                     [0, 1, 0, 0, 1], [3, 4, 5, 6, 7])]
     got, want = sample(logits, *rows, vocab_limit=vocab - 10), sample_torch(logits, *rows, vocab_limit=vocab - 10)
     if not torch.equal(got[0], want[0]):
         raise RuntimeError(f"sample drew {got[0].tolist()}, its twin {want[0].tolist()}")
