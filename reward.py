@@ -872,3 +872,33 @@ class Grader:
                     workers[k] = _Worker(self.guard)
                     self.stats["restarts"] += 1
         return results
+
+
+def grade_file(path, timeout=5.0, workers=None, require_think=True):
+    """Grade a JSONL file of {"response", "answer"} rows through the Grader and print the accuracy."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e})")
+            if row is not None and not (isinstance(row, dict) and "response" in row and "answer" in row):
+                raise SystemExit(f"{path}:{n}: row needs 'response' and 'answer' fields")
+            rows += [row] if row is not None else []
+    t0 = time.time()
+    with Grader(workers, timeout) as grader:
+        scores = grader.grade([r["response"] for r in rows], [r["answer"] for r in rows], require_think)
+    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
+          f"({time.time() - t0:.2f} s; {dict(grader.stats)})")
+
+
+if __name__ == "__main__":  # python reward.py FILE.jsonl [--no-think] [--timeout S] [--workers N]
+    import argparse
+    ap = argparse.ArgumentParser(description="grade {response, answer} JSONL rows and print the accuracy")
+    ap.add_argument("file")
+    ap.add_argument("--no-think", action="store_true", help="responses have no </think> (search the whole text)")
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=None)
+    a = ap.parse_args()
+    grade_file(a.file, a.timeout, a.workers, not a.no_think)

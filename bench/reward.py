@@ -9,7 +9,7 @@ Benchmark and real-data check for reward.py.
       training set): responses/s in one process, and latency of a 2,048-response training step
       through Grader at each worker count, also with an answer that hangs sympy.
   python bench/reward.py --grade rows.jsonl [--workers 4] [--timeout 5] [--no-think]
-      grade a JSONL file of {response, answer} rows and print the accuracy.
+      grade a JSONL file of {response, answer} rows and print the accuracy (same as python reward.py FILE).
 """
 import argparse
 import glob
@@ -271,20 +271,6 @@ def bench(data_dir, batches, worker_counts, timeout):
               f"latency {', '.join(f'{x:.3f}' for x in lat)} s; timeouts {grader.stats['timeouts']}")
 
 
-def grade_file(path, timeout, workers, require_think):
-    """Grade a JSONL file of {response, answer} rows through Grader; print the accuracy."""
-    with open(path) as f:
-        rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
-    for n, row in rows:
-        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
-            raise SystemExit(f"{path}:{n}: row needs 'response' and 'answer' fields")
-    t0 = time.time()
-    with R.Grader(workers, timeout) as grader:
-        scores = grader.grade([r["response"] for _, r in rows], [r["answer"] for _, r in rows], require_think)
-    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
-          f"({time.time() - t0:.2f} s; {dict(grader.stats)})")
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-golds", metavar="DIR")
@@ -299,6 +285,6 @@ if __name__ == "__main__":
     if args.check_golds:
         sys.exit(1 if check_golds(args.check_golds) else 0)
     if args.grade:
-        sys.exit(grade_file(args.grade, args.timeout, args.workers[0] if len(args.workers) == 1 else None,
+        sys.exit(R.grade_file(args.grade, args.timeout, args.workers[0] if len(args.workers) == 1 else None,
                             not args.no_think))
     bench(args.data, args.batches, args.workers, args.timeout)

@@ -323,10 +323,14 @@ def test_cli(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "bench", "reward.py"), "--grade", str(path), "--workers", "1"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "accuracy: 2/4 = 50.00%" in out.stdout
+    for cli in (["reward.py", str(path)], ["bench/reward.py", "--grade", str(path)]):  # the command, the bench's
+        out = subprocess.run([sys.executable, os.path.join(root, cli[0]), *cli[1:], "--workers", "1"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "accuracy: 2/4 = 50.00%" in out.stdout
+    path.write_text('{"response": "x"}\n')
+    out = subprocess.run([sys.executable, os.path.join(root, "reward.py"), str(path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "rows.jsonl:1: row needs 'response' and 'answer'" in out.stderr
 
 
 def test_evaluator_decides_common_answers_without_sympy():
