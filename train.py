@@ -504,24 +504,25 @@ def build(cfg, ctx):
     engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
     max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
     engine = Engine(engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
-                    memory_budget=kv_pool_budget(cfg, ctx, model), vocab_limit=tok.vocab_size,
+                    **kv_pool_size(cfg, ctx, model), vocab_limit=tok.vocab_size,
                     eos_token_ids=tok.eos_token_ids)
     return tok, model, ref, engine
 
-def kv_pool_budget(cfg, ctx, model):
+def kv_pool_size(cfg, ctx, model):
     """The engine's KV pool is sized once and sits beside the trainer for the whole run: on a GPU it gets
-    the free memory minus what training will still allocate (gradients and AdamW's two moments, 12 bytes
-    per float32 master parameter held by this rank, plus an activation reserve). Preemption covers the rest."""
+    a share of the free memory that leaves what training will still allocate (gradients and AdamW's two
+    moments, 12 bytes per float32 master parameter held by this rank, plus an activation reserve); the
+    engine then takes its own sampling/prefill temporaries out of its share. Preemption covers the rest."""
     if cfg.engine_memory or ctx.device.type != "cuda":
-        return cfg.engine_memory
+        return {"memory_budget": cfg.engine_memory}
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(ctx.device)
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    budget = int(free * 0.95 - 12 * local - cfg.trainer_reserve_gb * 2**30)
-    if budget <= 0:
+    keep = 12 * local + cfg.trainer_reserve_gb * 2**30
+    if free * 0.95 <= keep:
         raise SystemExit(f"no GPU memory left for the KV pool ({free / 2**30:.1f} GB free, trainer needs "
-                         f"{(12 * local) / 2**30 + cfg.trainer_reserve_gb:.1f} GB): lower trainer_reserve_gb or token_budget")
-    return budget
+                         f"{keep / 2**30:.1f} GB): lower trainer_reserve_gb or token_budget")
+    return {"gpu_memory_fraction": (free * 0.95 - keep) / free}
 
 def make_optimizer(model, cfg):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
