@@ -487,7 +487,6 @@ class Engine:
     def _sample(self, logits, keys):
         """keys: (prompt index, sample index, position) per row. One host sync per step (the tokens)."""
         p, B, b = self.params, logits.shape[0], self.buf
-        t = lambda xs, dtype=torch.int64: torch.tensor(xs, dtype=dtype, device=self.device)
         rows = {"temperature": [p.temperature] * B, "top_p": [p.top_p] * B, "top_k": [p.top_k] * B,
                 "seed": [p.seed] * B}
         rows["prompt_idx"], rows["sample_idx"], rows["position"] = (list(col) for col in zip(*keys))

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,9 @@ from torch.utils.checkpoint import checkpoint
 from grpo import token_logprobs
 
 try:  # optional: used on CUDA when installed, never required
-    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    from flash_attn import flash_attn_varlen_func
 except ImportError:
-    flash_attn_varlen_func = flash_attn_with_kvcache = None
+    flash_attn_varlen_func = None
 
 # -----------------------------------------------------------------------------
 # Config

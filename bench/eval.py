@@ -98,7 +98,7 @@ def main():
     thr, r = res["throughput"], res["datasets"]["aime"]
     full_tokens = FULL_PROTOCOL["problems"] * FULL_PROTOCOL["n"] * FULL_PROTOCOL["max_tokens"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n| device | shape | problems x n x max_tokens | tokens | eval s | tok/s | truncated | resume s | setup s |")
+    print("\n| device | shape | problems x n x max_tokens | tokens | eval s | tok/s | truncated | resume s | setup s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {name} | {'1.5B' if args.full else 'tiny'} {dtype} | {len(rows)} x {n} x {max_tokens} | "
           f"{thr['generated_tokens']:,} | {thr['seconds']:.1f} | {thr['tokens_per_s']:,.0f} | "

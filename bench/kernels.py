@@ -13,7 +13,6 @@ less accurate side).
 GPU times: CUDA events, median of --reps runs after warm-up.
 """
 import argparse
-import math
 import os
 import subprocess
 import sys

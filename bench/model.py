@@ -141,7 +141,7 @@ def main():
     print(f"\nmodel: {r['params'] / 1e9:.3f}B params, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{device.type} {str(dtype).removeprefix('torch.')}, packed {len(seqlens)} seqs = {r['tokens']} tokens, "
           f"checkpointing={args.checkpointing}, log-probs via {'grpo.token_logprobs' if r['logprobs'] else 'hidden mean'}")
-    print(f"| pass | tokens/s | peak memory GB |\n|---|---|---|")
+    print("| pass | tokens/s | peak memory GB |\n|---|---|---|")
     print(f"| forward | {r['fwd_tok_s']:,.0f} | {mem(r['mem_fwd_gb'])} |")
     print(f"| forward+backward | {r['fwd_bwd_tok_s']:,.0f} | {mem(r['mem_fwd_bwd_gb'])}"
           f"{' (process peak RSS)' if device.type == 'cpu' else ''} |")
