@@ -30,8 +30,7 @@ config.entropy_coef = 0.001
 config.loss_agg = "deepscaler"                 # DeepScaleR's exact gradient, on any number of GPUs: a token
                                                # mean per verl micro-batch (<= 32,768 tokens on its 8/32 GPUs),
                                                # summed, averaged over those GPUs. "token-mean": one mean over
-                                               # the mini-batch, ~8-14x smaller at recipe scale (grad_clip bites
-                                               # later)
+                                               # the mini-batch, k times smaller (k verl micro-batches per GPU)
 config.deepscaler_micro_tokens = 32768         # ppo_max_token_len_per_gpu
 config.require_think = True                    # truncated answers are graded like any other (as DeepScaleR did)
 
