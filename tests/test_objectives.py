@@ -102,8 +102,8 @@ def test_deepscaler_agg_matches_formula_and_splits_exactly():
 
 def ref_gspo_rows(logp, old, adv, mask, lo, hi):
     """Per row: GSPO's sequence loss L = max(-A s, -A clip(s)) with s = exp(mean_t(logp - old)) (autograd
-    through s), placed on each of the row's tokens with weight 1/n_tokens... expressed as n copies of L / n
-    so that every aggregation sees the row's tokens: sum over the row = L."""
+    through s), repeated on each of the row's tokens, so that an aggregation weighs the row as it weighs its
+    tokens (seq-mean-token-mean: L once per row)."""
     rows = []
     for b in range(logp.shape[0]):
         ts = [t for t in range(logp.shape[1]) if mask[b, t]]
