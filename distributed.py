@@ -125,3 +125,95 @@ def balance(lengths: list[int], world_size: int) -> list[list[int]]:
         parts[r].append(i)
         loads[r] += lengths[i]
     return [sorted(p) for p in parts]
+
+# -----------------------------------------------------------------------------
+# verl's layout of DeepScaleR's update, reproduced so that loss_agg="deepscaler" gets its exact gradient.
+# verl splits with the largest differencing method (Karmarkar-Karp); which sequences share a micro-batch
+# decides each token's weight, so its tie-breaks are reproduced too (tests/data/verl_partitions.json holds
+# verl's own outputs). A partial solution is k bins, heaviest first; a bin sorts by (tokens, items, its
+# (index, length) pairs in insertion order).
+
+
+def _bin_key(b):
+    return (b[0], len(b[1]), b[1])
+
+
+class _Partial:
+    """k bins [tokens, [(index, length), ...]] kept heaviest first. The heap pops the widest spread first,
+    then the one with the heaviest first bin."""
+
+    def __init__(self, bins):
+        self.bins = sorted(bins, key=_bin_key, reverse=True)
+
+    def spread(self):
+        return self.bins[0][0] - self.bins[-1][0]
+
+    def __lt__(self, other):
+        if self.spread() != other.spread():
+            return self.spread() > other.spread()
+        return _bin_key(self.bins[0]) > _bin_key(other.bins[0])
+
+    def absorb(self, other):
+        """Heaviest bin with the other's lightest, and so on down: the difference of the two solutions."""
+        self.bins = sorted(([a[0] + b[0], a[1] + b[1]] for a, b in zip(self.bins, reversed(other.bins))),
+                           key=_bin_key, reverse=True)
+
+
+def karmarkar_karp(lengths: list[int], k: int, equal_size: bool) -> list[list[int]]:
+    """verl's partition of sequence indices into k parts of near-equal total length (equal_size: the same
+    number of sequences in each), heaviest part first, each part sorted. Needs len(lengths) >= k."""
+    import heapq
+    if k < 1 or len(lengths) < k or (equal_size and len(lengths) % k):
+        raise ValueError(f"karmarkar_karp: cannot split {len(lengths)} sequences into {k} parts"
+                         f"{' of equal size' if equal_size else ''}")
+    ordered = sorted((n, i) for i, n in enumerate(lengths))
+    if equal_size:  # k consecutive lengths (shortest first) seed one partial solution each
+        seeds = [ordered[o:o + k] for o in range(0, len(ordered), k)]
+    else:
+        seeds = [[item] for item in ordered]
+    heap = []
+    for seed in seeds:
+        bins = [[n, [(i, n)]] for n, i in seed] + [[0, []] for _ in range(k - len(seed))]
+        heapq.heappush(heap, _Partial(bins))
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        a.absorb(b)
+        heapq.heappush(heap, a)
+    return [sorted(i for i, _ in b[1]) for b in heap[0].bins]
+
+
+def deepscaler_layout(lengths: list[int], gpus: int, mini_batches: int, micro_tokens: int) -> list[list[list[list[int]]]]:
+    """How DeepScaleR's verl cut one step's batch (sequence lengths, prompt + response) on `gpus` GPUs:
+    layout[k][g] = GPU g's micro-batches (lists of sequence indices) in mini-batch k.
+
+    The batch is first dealt into equal-size, length-balanced shares, one per GPU (ray_trainer's
+    _balance_batch; a group may be spread over several GPUs); each GPU cuts its share (indices ascending)
+    into `mini_batches` consecutive mini-batches; each mini-batch is split into ceil(tokens / micro_tokens)
+    length-balanced micro-batches, that count being the maximum over the GPUs (seqlen_balancing's
+    rearrange_micro_batches)."""
+    n = len(lengths)
+    if n == 0 or n % (gpus * mini_batches):
+        raise ValueError(f"deepscaler_layout: {n} sequences do not split into {gpus} GPUs x {mini_batches} "
+                         "mini-batches of equal size (as verl requires)")
+    per = n // gpus // mini_batches
+    shares = karmarkar_karp(lengths, gpus, equal_size=True)
+    layout = []
+    for k in range(mini_batches):
+        chunks = [share[k * per:(k + 1) * per] for share in shares]
+        count = max(-(-sum(lengths[i] for i in c) // micro_tokens) for c in chunks)
+        if count > per:
+            raise ValueError(f"deepscaler_layout: {count} micro-batches of <= {micro_tokens} tokens for {per} "
+                             "sequences (verl would stop here): raise deepscaler_micro_tokens")
+        layout.append([[[c[j] for j in part] for part in karmarkar_karp([lengths[i] for i in c], count, False)]
+                       for c in chunks])
+    return layout
+
+
+def deepscaler_mini_batches(lengths, gpus, mini_batches, micro_tokens):
+    """deepscaler_layout as mini-batches of (sequence index, segment) pairs: segment numbers the mini-batch's
+    verl micro-batches over all its GPUs, since each one's tokens share a weight in the loss."""
+    out = []
+    for per_gpu in deepscaler_layout(lengths, gpus, mini_batches, micro_tokens):
+        micros = [mb for gpu in per_gpu for mb in gpu]
+        out.append([(i, j) for j, mb in enumerate(micros) for i in mb])
+    return out

@@ -1,6 +1,7 @@
 """
 The GRPO objective in one file: group-normalised advantages, memory-flat token log-probs, the clipped
-surrogate with a k3 KL penalty and an entropy bonus.
+surrogate with a k3 KL penalty and an entropy bonus; its aggregations (DeepScaleR's exact one among them),
+GSPO and CISPO beside it, and the rollout/trainer-gap corrections (truncated / masked importance sampling).
 
 The one piece of engineering here is `token_logprobs`. With Qwen2's 151,936-token vocabulary the logits of a
 16K-token micro-batch are 5 GB in bf16 and ~35 GB once the float32 softmax and its gradient exist, which is
@@ -9,8 +10,10 @@ and the entropy are done tile by tile (tokens x vocabulary), saving only one flo
 backward pass, which recomputes each tile's logits instead of storing them.
 
 Everything else is a few lines of arithmetic written to match the definitions (verl/DeepScaleR, DAPO,
-Dr. GRPO) and the float64 formulas in tests/test_grpo.py. Imports only torch: model.py imports from here.
+Dr. GRPO, GSPO, CISPO, TIS/MIS) and the float64 formulas in tests/test_grpo.py. Imports only torch: model.py imports from here.
 """
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -207,52 +210,111 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
 # -----------------------------------------------------------------------------
 # The loss
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "micro-batch-mean")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "deepscaler",
+             "mean-of-micro-batch-means")
+OBJECTIVES = ("grpo", "gspo", "cispo")
+RENAMED_AGGS = {"micro-batch-mean": "mean-of-micro-batch-means"}
+
+
+def check_loss_agg(loss_agg):
+    if loss_agg in RENAMED_AGGS:
+        raise ValueError(f"loss_agg {loss_agg!r} was renamed {RENAMED_AGGS[loss_agg]!r} (it is not what DeepScaleR "
+                         "did; that is 'deepscaler')")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+def check_options(loss_agg="token-mean", objective="grpo", tis_c=None, mis_c=None, mis_level="token", top_p=1.0,
+                  top_k=-1):
+    """ValueError naming the option for a bad combination of the loss switches."""
+    check_loss_agg(loss_agg)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for name, c in (("tis_c", tis_c), ("mis_c", mis_c)):
+        if c is not None and not c > 1.0:
+            raise ValueError(f"{name} must be > 1 (the importance-ratio bound C), got {c}")
+    if mis_level not in ("token", "sequence"):
+        raise ValueError(f"mis_level must be 'token' or 'sequence', got {mis_level!r}")
+    if (tis_c or mis_c) and (top_p < 1.0 or (top_k or 0) > 0):
+        raise ValueError("tis_c / mis_c compare pi_old with the engine's sampled log-probs, which are of the "
+                         "unfiltered log_softmax(z / T); with top_p < 1 or top_k set that is not the distribution "
+                         f"sampled from (top_p={top_p}, top_k={top_k}): set top_p=1.0 and top_k=-1, or turn "
+                         "TIS/MIS off")
+
+
+def _seq_ids(mask, cu_seqlens):
+    """Sequence index of every token: the row of a padded [B, T] batch, or from boundaries cu_seqlens [S+1]."""
+    if mask.dim() == 2:
+        return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask), mask.shape[0]
+    if cu_seqlens is None:
+        raise ValueError("policy_loss: sequence-level terms of a packed [N] batch need cu_seqlens")
+    ids = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device), cu_seqlens.diff())
+    if ids.numel() != mask.numel():
+        raise ValueError(f"policy_loss: cu_seqlens covers {ids.numel()} tokens, mask has {mask.numel()}")
+    return ids, cu_seqlens.numel() - 1
+
+
+def _segment_sum(x, ids, n):
+    """Sums of x [B, T] or [N] per id (ids the same shape), as [n]."""
+    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, ids.reshape(-1), x.reshape(-1))
 
 
 def _seq_token_counts(mask, cu_seqlens):
-    """(masked tokens of each sequence [S], that count broadcast to every token) for padded [B, T] rows or a
-    packed [N] batch with boundaries cu_seqlens [S+1]."""
-    if mask.dim() == 2:
-        per_seq = mask.sum(1)
-        return per_seq, per_seq[:, None].expand_as(mask)
-    if cu_seqlens is None:
-        raise ValueError("policy_loss: sequence-level aggregation of a packed [N] batch needs cu_seqlens")
-    seq_of_token = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device),
-                                           cu_seqlens.diff())
-    if seq_of_token.numel() != mask.numel():
-        raise ValueError(f"policy_loss: cu_seqlens covers {seq_of_token.numel()} tokens, mask has {mask.numel()}")
-    per_seq = torch.zeros(cu_seqlens.numel() - 1, device=mask.device).index_add_(0, seq_of_token, mask)
-    return per_seq, per_seq[seq_of_token]
+    """(masked tokens of each sequence [S], that count broadcast to every token)."""
+    ids, n = _seq_ids(mask, cu_seqlens)
+    per_seq = _segment_sum(mask.float(), ids, n)
+    return per_seq, per_seq[ids]
 
 
-def loss_normaliser(mask, loss_agg="token-mean", cu_seqlens=None):
-    """This micro-batch's share of the denominator: masked tokens (token-mean) or non-empty sequences
-    (seq-mean-*). The trainer sums it over its micro-batches and all-reduces it over ranks, then passes the
-    total as policy_loss(normaliser=...), so that the per-micro-batch losses *add up* to the mini-batch mean.
-    (FSDP/DDP average gradients over ranks: multiply the loss by the world size to get the sum back.)"""
+def _check_segments(mask, segments, num_segments):
+    if segments is None or segments.shape != mask.shape:
+        raise ValueError("policy_loss: loss_agg='deepscaler' needs segments (each token's verl micro-batch, the "
+                         f"shape of mask {tuple(mask.shape)})")
+    return int(num_segments) if num_segments is not None else int(segments.max()) + 1 if segments.numel() else 1
+
+
+def loss_normaliser(mask, loss_agg="token-mean", cu_seqlens=None, segments=None, num_segments=None):
+    """This micro-batch's share of the denominator: masked tokens (token-mean), non-empty sequences
+    (seq-mean-*), 1 if it has any masked token (mean-of-micro-batch-means), or for "deepscaler" the masked
+    tokens of each verl micro-batch (segment) as a vector [num_segments]. The trainer sums it over its
+    micro-batches and all-reduces it over ranks, then passes the total as policy_loss(normaliser=...), so
+    that the per-micro-batch losses *add up* to the mini-batch's loss. (FSDP/DDP average gradients over
+    ranks: multiply the loss by the world size to get the sum back.) A token the mask drops (overlong
+    filter, MIS) is in neither numerator nor denominator, of every aggregation."""
+    check_loss_agg(loss_agg)
     m = mask.float()
-    if loss_agg in ("token-mean", "micro-batch-mean"):
+    if loss_agg == "token-mean":
         return m.sum()
-    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        return (_seq_token_counts(m, cu_seqlens)[0] > 0).sum().float()
-    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if loss_agg == "mean-of-micro-batch-means":
+        return (m.sum() > 0).float()
+    if loss_agg == "deepscaler":
+        return _segment_sum(m, segments, _check_segments(mask, segments, num_segments))
+    return (_seq_token_counts(m, cu_seqlens)[0] > 0).sum().float()
 
 
-def _token_weights(mask, loss_agg, normaliser, max_len, cu_seqlens):
+def _token_weights(mask, loss_agg, normaliser, max_len, cu_seqlens, segments, num_segments):
     """Weight of each token in the loss, so that loss = sum(weight * per-token loss) for every aggregation."""
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    check_loss_agg(loss_agg)
     # counts are integers: clamping at 1 keeps an empty micro-batch at loss 0 instead of 0/0
     norm = torch.as_tensor(normaliser, dtype=torch.float32, device=mask.device).clamp(min=1) \
         if normaliser is not None else None
     if loss_agg == "token-mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
-    if loss_agg == "micro-batch-mean":
-        # DeepScaleR's own: a mean over this micro-batch's tokens, then divided by its gradient-accumulation
-        # count (normaliser), so a micro-batch's tokens weigh more the fewer there are
+    if loss_agg == "mean-of-micro-batch-means":
+        # each micro-batch's token mean, averaged over the micro-batches of all ranks (normaliser: their count),
+        # so a micro-batch's tokens weigh more the fewer there are. Depends on how this run packs.
         w = mask / mask.sum().clamp(min=1)
         return w / norm if norm is not None else w
+    if loss_agg == "deepscaler":
+        # DeepScaleR's verl: a token mean inside each of its micro-batches, summed (accumulation divisor 1),
+        # averaged over its GPUs by FSDP. normaliser: each micro-batch's tokens x its GPU count, so the weights
+        # do not depend on how *this* run packs or how many ranks it has.
+        n = _check_segments(mask, segments, num_segments)
+        denom = norm if norm is not None else _segment_sum(mask, segments, n).clamp(min=1)
+        if denom.shape != (n,):
+            raise ValueError(f"policy_loss: loss_agg='deepscaler' needs a normaliser per segment ({n}), "
+                             f"got shape {tuple(denom.shape)}")
+        return mask / denom[segments]
     per_seq, per_token = _seq_token_counts(mask, cu_seqlens)
     n_seq = norm if norm is not None else (per_seq > 0).sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
@@ -262,10 +324,11 @@ def _token_weights(mask, loss_agg, normaliser, max_len, cu_seqlens):
     return mask / float(max_len) / n_seq
 
 
-def _check_shapes(logp, old_logp, ref_logp, advantages, mask, entropy):
+def _check_shapes(logp, old_logp, ref_logp, advantages, mask, entropy, is_weight):
     if logp.dim() not in (1, 2):
         raise ValueError(f"policy_loss: logp must be padded [B, T] or packed [N], got {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy),
+                    ("is_weight", is_weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"policy_loss: {name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
     ok = advantages.shape == logp.shape or (logp.dim() == 2 and advantages.shape == logp.shape[:1])
@@ -280,27 +343,104 @@ def _masked_extreme(x, m, reduce):
     vals = torch.cat([torch.where(m, x, fill).reshape(-1), x.new_full((1,), fill)])
     return torch.where(m.any(), reduce(vals), 1.0)
 
+# -----------------------------------------------------------------------------
+# The rollout/trainer gap: the engine sampled from pi_rollout (bf16, its own kernels), the trainer's pi_old is
+# recomputed in another layout and precision. rho = pi_old / pi_rollout per token, against the engine's sampled
+# log-probs, which are of the unfiltered log_softmax(z / T): only valid without top-p / top-k filtering.
+
+
+def _log_rho(old_logp, rollout_logp, mask):
+    """log(pi_old / pi_rollout) on the mask (0 elsewhere), float32, no gradient."""
+    return torch.where(mask.bool(), old_logp.detach().float() - rollout_logp.float(), 0.0)
+
+
+def rollout_ratio(old_logp, rollout_logp, mask):
+    """rho = pi_old / pi_rollout on the mask (1 elsewhere); capped at e^80 so it stays finite."""
+    return torch.exp(_log_rho(old_logp, rollout_logp, mask).clamp(max=80.0))
+
+
+def mis_keep(old_logp, rollout_logp, mask, c, level="token", cu_seqlens=None):
+    """Masked importance sampling: which tokens keep their loss. level "token": those with rho in [1/c, c];
+    "sequence": whole answers whose length-normalised ratio exp(mean log rho) is in [1/c, c] (the product over
+    thousands of tokens would leave any fixed band). Returns a float mask, a subset of `mask`."""
+    if c is None or c <= 1.0:
+        raise ValueError(f"mis_keep: c must be > 1, got {c}")
+    m = mask.float()
+    log_rho = _log_rho(old_logp, rollout_logp, mask)
+    if level == "token":
+        inside = log_rho.abs() <= math.log(c)
+    elif level == "sequence":
+        ids, n = _seq_ids(m, cu_seqlens)
+        mean = _segment_sum(log_rho * m, ids, n) / _segment_sum(m, ids, n).clamp(min=1)
+        inside = mean[ids].abs() <= math.log(c)
+    else:
+        raise ValueError(f"mis_keep: level must be 'token' or 'sequence', got {level!r}")
+    return m * inside.float()
+
+
+def is_weights(old_logp, rollout_logp, mask, tis_c=None):
+    """Truncated importance sampling: weight min(rho, tis_c) for the policy-gradient term (None: no TIS),
+    and this micro-batch's metrics over the mask: rho's mean, max and min, its mean square (for the
+    effective sample size (sum w)^2 / (n sum w^2) of the weights used: rho, or min(rho, C) under TIS) and
+    the fraction truncated."""
+    m = mask.bool()
+    rho = rollout_ratio(old_logp, rollout_logp, mask)
+    w = rho.clamp(max=tis_c) if tis_c is not None else None
+    used = w if w is not None else rho
+    mf = m.float()
+    n = mf.sum().clamp(min=1)
+    met = {"is_ratio_mean": (rho * mf).sum() / n, "is_ratio_max": _masked_extreme(rho, m, torch.amax),
+           "is_ratio_min": _masked_extreme(rho, m, torch.amin), "is_weight_mean": (used * mf).sum() / n,
+           "is_weight_sq_mean": (used.square() * mf).sum() / n}
+    if tis_c is not None:
+        met["is_truncated_frac"] = ((rho > tis_c).float() * mf).sum() / n
+    return w, met
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def _ratio(logp, old, m, objective, cu_seqlens):
+    """The importance ratio each token's surrogate uses. GSPO: the sequence's length-normalised ratio
+    s = exp(mean over its tokens of (logp - old)) on every token, with the gradient of GSPO-token
+    (sg[s] * pi / sg[pi]): d s_t = s * d logp_t, so that a sequence-mean aggregation gives GSPO's gradient."""
+    if objective != "gspo":
+        return torch.exp(logp - old)
+    mf = m.float()
+    ids, n = _seq_ids(mf, cu_seqlens)
+    mean = _segment_sum((logp - old).detach() * mf, ids, n) / _segment_sum(mf, ids, n).clamp(min=1)
+    return torch.exp(mean[ids] + logp - logp.detach())
+
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.001, entropy=None,
                 entropy_coef=0.0, *, clip_eps_high=None, dual_clip_c=None, loss_agg="token-mean",
-                normaliser=None, max_len=None, cu_seqlens=None):
+                normaliser=None, max_len=None, cu_seqlens=None, segments=None, num_segments=None,
+                objective="grpo", is_weight=None):
     """GRPO/PPO loss over the masked tokens -> (loss, metrics).
 
     Padded: logp/old_logp/ref_logp/mask/entropy [B, T], advantages [B] (or [B, T]). Packed: all [N].
     old_logp None means on-policy (ratio 1, gradient A * grad logp); ref_logp may be None when kl_coef is 0.
-    Per token: surrogate max(-A r, -A clip(r, 1-clip_eps, 1+clip_eps_high)) with r = exp(logp - old_logp)
-    (dual_clip_c bounds it by -A c where A < 0), KL = k3 = exp(ref - logp) - (ref - logp) - 1 clamped to
-    [-10, 10], and loss = agg(surrogate) + kl_coef agg(KL) - entropy_coef agg(entropy).
+    Per token, objective "grpo": surrogate max(-A r, -A clip(r, 1-clip_eps, 1+clip_eps_high)) with
+    r = exp(logp - old_logp) (dual_clip_c bounds it by -A c where A < 0); "gspo": the same with r the
+    sequence's length-normalised ratio (clipped per sequence, see _ratio); "cispo": -sg(clip(r)) A logp, so
+    clipped tokens keep a gradient. is_weight (e.g. TIS, no gradient) multiplies that policy-gradient term.
+    KL = k3 = exp(ref - logp) - (ref - logp) - 1 clamped to [-10, 10]; loss = agg(pg) + kl_coef agg(KL)
+    - entropy_coef agg(entropy).
     loss_agg: "token-mean" (every masked token alike), "seq-mean-token-mean", "seq-mean-token-sum-norm"
-    (Dr. GRPO; needs max_len), "micro-batch-mean" (DeepScaleR's own). normaliser: the global count from
-    loss_normaliser() summed over micro-batches and ranks, instead of this micro-batch's own count.
+    (Dr. GRPO; needs max_len), "deepscaler" (token mean per verl micro-batch: needs segments, each token's
+    micro-batch), "mean-of-micro-batch-means". normaliser: the global count from loss_normaliser() summed
+    over micro-batches and ranks (for "deepscaler" times verl's GPU count), instead of this micro-batch's own.
     Metrics are detached tensors (no host sync): token means over this micro-batch's mask, and its token count.
     """
-    _check_shapes(logp, old_logp, ref_logp, advantages, mask, entropy)
+    _check_shapes(logp, old_logp, ref_logp, advantages, mask, entropy, is_weight)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"policy_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
     if kl_coef != 0 and ref_logp is None:
         raise ValueError("policy_loss: kl_coef != 0 needs ref_logp")
     if entropy_coef != 0 and entropy is None:
         raise ValueError("policy_loss: entropy_coef != 0 needs entropy")
+    if dual_clip_c is not None and objective != "grpo":
+        raise ValueError(f"policy_loss: dual_clip_c applies to objective 'grpo' only, not {objective!r}")
     m = mask.bool()
     # padding may hold anything (inf, nan): zero it before exp so no nan leaks into values or gradients
     zero = lambda t: torch.where(m, t.float(), 0.0)  # noqa: E731
@@ -309,17 +449,22 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coe
     adv = advantages.float()
     adv = zero(adv[:, None].expand_as(logp) if adv.shape != logp.shape else adv)
 
-    ratio = torch.exp(logp - old)
+    ratio = _ratio(logp, old, m, objective, cu_seqlens)
     lo, hi = clip_eps, clip_eps if clip_eps_high is None else clip_eps_high
-    surr, surr_clipped = -adv * ratio, -adv * ratio.clamp(1.0 - lo, 1.0 + hi)
-    pg = torch.maximum(surr, surr_clipped)
-    if dual_clip_c is not None:  # with A < 0 an exploding ratio would otherwise give an unbounded loss
-        if dual_clip_c <= 1.0:
-            raise ValueError(f"policy_loss: dual_clip_c must be > 1, got {dual_clip_c}")
-        pg_term = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip_c), pg)
+    clipped_ratio = ratio.clamp(1.0 - lo, 1.0 + hi)
+    if objective == "cispo":
+        pg_term = -adv * clipped_ratio.detach() * logp
+        clipped = (ratio.detach() != clipped_ratio.detach()).float()
     else:
+        surr, surr_clipped = -adv * ratio, -adv * clipped_ratio
+        pg = torch.maximum(surr, surr_clipped)
+        clipped = (surr_clipped > surr).float()
         pg_term = pg
-    per_token = pg_term
+        if dual_clip_c is not None:  # with A < 0 an exploding ratio would otherwise give an unbounded loss
+            if dual_clip_c <= 1.0:
+                raise ValueError(f"policy_loss: dual_clip_c must be > 1, got {dual_clip_c}")
+            pg_term = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip_c), pg)
+    per_token = pg_term if is_weight is None else pg_term * zero(is_weight).detach()
     kl = None
     if ref_logp is not None:
         d = zero(ref_logp) - logp  # k3 estimator of KL(pi || ref): unbiased, non-negative, low variance
@@ -328,15 +473,14 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coe
     if entropy is not None:
         per_token = per_token - entropy_coef * zero(entropy)
 
-    w = _token_weights(m.float(), loss_agg, normaliser, max_len, cu_seqlens)
+    w = _token_weights(m.float(), loss_agg, normaliser, max_len, cu_seqlens, segments, num_segments)
     loss = (w * per_token).sum()
 
     with torch.no_grad():
         mf = m.float()
         n = mf.sum()
         mean = lambda t: (t * mf).sum() / n.clamp(min=1)  # noqa: E731
-        metrics = {"tokens": n, "pg_loss": mean(pg_term),
-                   "clip_frac": mean((surr_clipped > surr).float()),
+        metrics = {"tokens": n, "pg_loss": mean(pg_term), "clip_frac": mean(clipped),
                    "ratio_mean": mean(ratio),
                    "ratio_max": _masked_extreme(ratio, m, torch.amax),
                    "ratio_min": _masked_extreme(ratio, m, torch.amin),

@@ -23,7 +23,6 @@ import copy
 import functools
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ import grpo
 import model as M
 from checkpoint import ckpt_dirs, load_checkpoint, save_checkpoint
 from configurator import configure
+from packing import fill_advantages, loss_agg_of, micro_batches, pack, split_mini_batches  # noqa: F401 (pack: tests)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -46,10 +46,12 @@ from configurator import configure
 @dataclass
 class Stage:
     """One context-length stage: at its start the reference becomes the current weights and the
-    optimizer resets (DeepScaleR's 8K -> 16K -> 24K)."""
+    optimizer resets (DeepScaleR's 8K -> 16K -> 24K). deepscaler_gpus: the GPUs DeepScaleR ran this stage
+    on (8 for 8K, 32 for 16K/24K), whose data layout loss_agg="deepscaler" reproduces on any world size."""
     steps: int
     max_response_tokens: int = 8192
     group_size: int = 8
+    deepscaler_gpus: int = 8
 
 @dataclass
 class TrainConfig:
@@ -81,7 +83,13 @@ class TrainConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.001           # k3 estimator; 0 skips the reference model entirely
     entropy_coef: float = 0.001
-    loss_agg: str = "token-mean"     # see grpo.LOSS_AGGS; DeepScaleR's own code was "micro-batch-mean"
+    loss_agg: str = "token-mean"     # see grpo.LOSS_AGGS; "deepscaler" is DeepScaleR's exact gradient
+    deepscaler_micro_tokens: int = 32768  # verl's ppo_max_token_len_per_gpu, for loss_agg="deepscaler" only
+    objective: str = "grpo"          # "grpo" (per-token PPO clip), "gspo" (per-sequence ratio), "cispo"
+    # the rollout/trainer gap, against the engine's sampled log-probs (needs top_p = 1, no top_k):
+    tis_c: float | None = None       # truncated IS: pg loss weighted by min(pi_old / pi_rollout, C) (2.0)
+    mis_c: float | None = None       # masked IS: drop tokens (or answers) with the ratio outside [1/C, C]
+    mis_level: str = "token"         # "token" or "sequence" (length-normalised ratio of the whole answer)
     # the newer variants people ask for (all off in DeepScaleR's recipe)
     clip_eps_high: float | None = None  # DAPO clip-higher (0.28)
     dual_clip_c: float | None = None
@@ -136,8 +144,7 @@ def load_config(argv):
     cfg.stages = [s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (tuple, list)) else Stage(**s)
                   for s in cfg.stages]
     cfg.betas = tuple(cfg.betas)
-    if cfg.loss_agg not in grpo.LOSS_AGGS:
-        raise SystemExit(f"loss_agg must be one of {grpo.LOSS_AGGS}, got {cfg.loss_agg!r}")
+    check_objective(cfg)
     if cfg.prompts_per_step % cfg.mini_batches:
         raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must split into {cfg.mini_batches} mini-batches")
     return cfg
@@ -233,6 +240,7 @@ class Sample:
     gold: str
     reward: float = 0.0
     advantage: float = 0.0
+    segment: int = 0          # loss_agg="deepscaler": its verl micro-batch within its mini-batch
 
 def generate(engine, tok, batch, cfg, stage, seed, first_prompt_index):
     comps = engine.generate([p for p, _ in batch], max_new_tokens=stage.max_response_tokens,
@@ -290,63 +298,7 @@ def set_advantages(samples, rewards, cfg, stage, step):
         s.reward, s.advantage = float(rew), a
 
 # -----------------------------------------------------------------------------
-# Packing: (prompt + response) sequences back to back, up to token_budget tokens per micro-batch
-
-@dataclass
-class Micro:
-    input_ids: torch.Tensor   # [N] prompt + response of each sequence, without its last token
-    positions: torch.Tensor   # [N] restart at 0 for each sequence
-    meta: M.Varlen
-    targets: torch.Tensor     # [N] the next token
-    mask: torch.Tensor        # [N] 1 where the target is a response token (EOS included)
-    engine_logp: torch.Tensor  # [N] the engine's sampled log-probs at those targets
-    samples: list             # the Samples inside, in order
-    adv: torch.Tensor = None  # [N] filled once rewards are in
-    old_logp: torch.Tensor = None  # [N] None: on-policy (the first mini-batch of a step)
-    ref_logp: torch.Tensor = None  # [N] None: no KL term
-
-def pack(samples, budget, overlong_filter, device):
-    """Greedy in order: a sequence that would overflow the budget starts the next micro-batch."""
-    groups, cur, n = [], [], 0
-    for s in samples:
-        length = len(s.prompt) + len(s.response) - 1
-        if cur and n + length > budget:
-            groups.append(cur)
-            cur, n = [], 0
-        cur.append(s)
-        n += length
-    if cur:
-        groups.append(cur)
-    return [build_micro(g, overlong_filter, device) for g in groups]
-
-def build_micro(samples, overlong_filter, device):
-    ids, tgt, mask, elp, lens = [], [], [], [], []
-    for s in samples:
-        tokens = s.prompt + s.response
-        p, r = len(s.prompt), len(s.response)
-        keep = 0.0 if overlong_filter and s.finish == "length" else 1.0
-        ids += tokens[:-1]
-        tgt += tokens[1:]
-        mask += [0.0] * (p - 1) + [keep] * r
-        elp += [0.0] * (p - 1) + [float(x) for x in s.engine_logp]
-        lens.append(p + r - 1)
-    if not samples:  # an empty micro-batch (ranks pad to the same count): one masked dummy token
-        ids, tgt, mask, elp, lens = [0], [0], [0.0], [0.0], [1]
-    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
-    return Micro(t(ids, torch.long), positions, M.Varlen.from_seqlens(lens, device), t(tgt, torch.long),
-                 t(mask, torch.float32), t(elp, torch.float32), samples)
-
-def fill_advantages(micro):
-    # [0.0]: an empty (padding) micro-batch's one dummy token
-    per_seq = torch.tensor([s.advantage for s in micro.samples] or [0.0], device=micro.mask.device)
-    micro.adv = grpo.expand_to_tokens(per_seq, micro.meta.cu_seqlens.long())
-
-def split_mini_batches(samples, cfg, stage):
-    """Whole groups per mini-batch; the same number of mini-batches on every rank."""
-    groups = [samples[i:i + stage.group_size] for i in range(0, len(samples), stage.group_size)]
-    per = math.ceil(len(groups) / cfg.mini_batches) if groups else 0
-    return [sum(groups[i * per:(i + 1) * per], []) for i in range(cfg.mini_batches)]
+# The update's batches (packing.py) come from every rank's samples
 
 def gather_samples(samples, ctx):
     """Every rank's samples, rank after rank (= the step's global prompt order, groups intact)."""
@@ -354,17 +306,6 @@ def gather_samples(samples, ctx):
         return samples
     parts = D.all_gather_objects([(s.prompt, s.response, s.engine_logp, s.finish, s.gold, s.reward) for s in samples], ctx)
     return [Sample(*fields) for part in parts for fields in part]
-
-def micro_batches(mini_batch, cfg, ctx):
-    """This rank's micro-batches of a mini-batch: sequences dealt so that every rank gets about the same
-    number of tokens (D.balance is deterministic, so the ranks agree without talking), packed, and padded
-    with empty micro-batches so that every rank runs the same number (FSDP's collectives need it)."""
-    if ctx.enabled:
-        parts = D.balance([len(s.prompt) + len(s.response) for s in mini_batch], ctx.world_size)
-        mini_batch = [mini_batch[i] for i in parts[ctx.rank]]
-    micros = pack(mini_batch, cfg.token_budget, cfg.overlong_filter, ctx.device)
-    n = int(all_max(ctx, torch.tensor(len(micros), device=ctx.device)).item())
-    return micros + [build_micro([], cfg.overlong_filter, ctx.device) for _ in range(n - len(micros))]
 
 # -----------------------------------------------------------------------------
 # Log-probs and the update
@@ -380,31 +321,73 @@ def logprobs(model, micro, cfg, ctx):
         return model(micro.input_ids, micro.positions, micro.meta, targets=micro.targets,
                      temperature=cfg.temperature).float()
 
+def check_objective(cfg):
+    """The loss switches, checked when the config is read (SystemExit names the field)."""
+    try:
+        grpo.check_options(cfg.loss_agg, cfg.objective, cfg.tis_c, cfg.mis_c, cfg.mis_level, cfg.top_p, cfg.top_k)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if cfg.loss_agg == "deepscaler" and (cfg.dr_grpo or cfg.dynamic_sampling):
+        raise SystemExit("loss_agg='deepscaler' reproduces DeepScaleR's verl layout, which had neither dr_grpo "
+                         "(its own aggregation) nor dynamic_sampling (a batch of varying size)")
+    for i, st in enumerate(cfg.stages if cfg.loss_agg == "deepscaler" else []):
+        if (cfg.prompts_per_step * st.group_size) % (st.deepscaler_gpus * cfg.mini_batches):
+            raise SystemExit(f"stages[{i}]: {cfg.prompts_per_step * st.group_size} samples per step do not split "
+                             f"into deepscaler_gpus={st.deepscaler_gpus} x mini_batches={cfg.mini_batches} equal "
+                             "shares (loss_agg='deepscaler' emulates verl's)")
+
+def prepare_corrections(model, micros, cfg, ctx, acc):
+    """Masked importance sampling needs pi_old for every token before the update (the normaliser counts only
+    the tokens it keeps), so the on-policy first mini-batch gets a no-grad pass too; elsewhere loss_mask is
+    the mask."""
+    for m in micros:
+        m.loss_mask = m.mask
+        if not cfg.mis_c:
+            continue
+        if m.old_logp is None:
+            m.old_logp = logprobs(model, m, cfg, ctx)
+            acc.disagreement(m.old_logp, m)
+        m.loss_mask = grpo.mis_keep(m.old_logp, m.engine_logp, m.mask, cfg.mis_c, cfg.mis_level,
+                                    m.meta.cu_seqlens.long())
+        n = m.mask.sum()
+        acc.add("is_masked_frac", (n - m.loss_mask.sum()) / n.clamp(min=1), n)
+
 def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     """One optimizer step over a mini-batch. The loss is normalised by the global count (tokens, or
-    sequences for seq-mean aggregations) over all micro-batches and ranks, so N ranks equal 1 rank."""
-    agg = "seq-mean-token-sum-norm" if cfg.dr_grpo else cfg.loss_agg
-    if agg == "micro-batch-mean":
-        norm = D.all_reduce(torch.tensor(float(sum(1 for m in micros if m.samples)), device=ctx.device), ctx)
-    else:
-        norm = D.all_reduce(sum(grpo.loss_normaliser(m.mask, agg, m.meta.cu_seqlens.long()) for m in micros), ctx)
+    sequences for seq-mean aggregations, or each verl micro-batch's tokens for "deepscaler") over all
+    micro-batches and ranks, so N ranks equal 1 rank (except "mean-of-micro-batch-means", which depends on
+    the packing by definition)."""
+    agg = loss_agg_of(cfg)
+    prepare_corrections(model, micros, cfg, ctx, acc)
+    norm = D.all_reduce(sum(grpo.loss_normaliser(m.loss_mask, agg, m.meta.cu_seqlens.long(), m.segments,
+                                                 m.num_segments) for m in micros), ctx)
+    if agg == "deepscaler":  # FSDP averaged DeepScaleR's gradients over its GPUs
+        norm = norm * stage.deepscaler_gpus
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=ctx.device)
     for m in micros:
         with autocast(cfg, ctx):
             logp, ent = model(m.input_ids, m.positions, m.meta, targets=m.targets, temperature=cfg.temperature,
                               return_entropy=True)
+        old = m.old_logp if m.old_logp is not None else logp.detach()
+        is_w, is_met = grpo.is_weights(old, m.engine_logp, m.loss_mask, cfg.tis_c)
         loss, met = grpo.policy_loss(
-            logp, m.old_logp, m.ref_logp, m.adv, m.mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+            logp, m.old_logp, m.ref_logp, m.adv, m.loss_mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
             entropy=ent if cfg.entropy_coef else None, entropy_coef=cfg.entropy_coef,
             clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c, loss_agg=agg, normaliser=norm,
-            max_len=stage.max_response_tokens, cu_seqlens=m.meta.cu_seqlens.long())
+            max_len=stage.max_response_tokens, cu_seqlens=m.meta.cu_seqlens.long(), segments=m.segments,
+            num_segments=m.num_segments, objective=cfg.objective, is_weight=is_w)
         # gradients are averaged over ranks (DDP/FSDP convention): scale back up to the global sum
         (loss * ctx.world_size).backward()
         loss_sum += loss.detach()
         for name in ("clip_frac", "pg_loss", "kl"):  # kl is absent without a reference
             acc.add(name, met.get(name, torch.zeros(())), met["tokens"])
-        acc.add("entropy", (ent.detach().float() * m.mask).sum() / met["tokens"].clamp(min=1), met["tokens"])
+        acc.add("entropy", (ent.detach().float() * m.mask).sum() / m.mask.sum().clamp(min=1), m.mask.sum())
+        for name, value in is_met.items():
+            if name in ("is_ratio_max", "is_ratio_min"):
+                acc.extreme(name, value, met["tokens"] > 0)
+            else:
+                acc.add(name, value, met["tokens"])
         if m.old_logp is None:  # on-policy: this forward is the trainer's recomputation of the engine's
             acc.disagreement(logp.detach(), m)
     sync_grads(model, ctx)
@@ -428,20 +411,27 @@ def sync_grads(model, ctx):
             p.grad.div_(ctx.world_size)
 
 class Accumulator:
-    """Token-weighted means of per-micro-batch metrics, kept on the device until the step's one sync."""
+    """Token-weighted means of per-micro-batch metrics, and maxima/minima, kept on the device until the
+    step's one sync."""
 
     def __init__(self, device):
         self.sums, self.weights, self.device = {}, {}, device
-        self.dmax = torch.zeros((), device=device)
+        self.maxes = {"logp_diff_max": torch.zeros((), device=device)}  # minima are kept as maxima of -x
 
     def add(self, name, value, weight):
         self.sums[name] = self.sums.get(name, 0) + value.float() * weight
         self.weights[name] = self.weights.get(name, 0) + weight
 
+    def extreme(self, name, value, valid=True):
+        """Keep the max (or, for a name ending in _min, the min) of value over the step; valid False ignores it."""
+        v = value.float() if name.endswith("_max") else -value.float()
+        v = torch.where(torch.as_tensor(valid, device=v.device), v, -torch.inf)
+        self.maxes[name] = torch.maximum(self.maxes[name], v) if name in self.maxes else v
+
     def disagreement(self, trainer_logp, m):
         d = (trainer_logp.float() - m.engine_logp).abs() * m.mask
         self.add("logp_diff_mean", d.sum() / m.mask.sum().clamp(min=1), m.mask.sum())
-        self.dmax = torch.maximum(self.dmax, d.max())
+        self.extreme("logp_diff_max", d.max())
 
     def result(self, ctx):
         names = sorted(self.sums)
@@ -451,7 +441,11 @@ class Accumulator:
                              [torch.as_tensor(self.weights[n], device=self.device).float() for n in names])
         packed = D.all_reduce(packed, ctx).tolist()
         out = {n: packed[i] / max(packed[i + len(names)], 1e-12) for i, n in enumerate(names)}
-        out["logp_diff_max"] = float(all_max(ctx, self.dmax.clone()))
+        ext = sorted(self.maxes)
+        top = all_max(ctx, torch.stack([self.maxes[n].reshape(()) for n in ext])).tolist()
+        out.update({n: v if n.endswith("_max") else -v for n, v in zip(ext, top)})
+        if "is_weight_sq_mean" in out:  # effective sample size of the importance weights, as a fraction of n
+            out["is_ess"] = out.pop("is_weight_mean") ** 2 / max(out.pop("is_weight_sq_mean"), 1e-12)
         return out
 
 # -----------------------------------------------------------------------------

@@ -382,9 +382,9 @@ def test_empty_mask_and_nonfinite_padding():
     old = torch.full((2, 3), float("nan"), dtype=f64)
     ent = torch.full((2, 3), float("nan"), dtype=f64)
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    for agg in ("token-mean", "seq-mean-token-mean", "micro-batch-mean"):
+    for agg in ("token-mean", "seq-mean-token-mean", "mean-of-micro-batch-means", "deepscaler"):
         loss, met = policy_loss(logp, old, old, torch.ones(2, dtype=f64), mask, kl_coef=0.1, entropy=ent,
-                                entropy_coef=0.1, loss_agg=agg)
+                                entropy_coef=0.1, loss_agg=agg, segments=torch.zeros(2, 3, dtype=torch.long))
         (g,) = torch.autograd.grad(loss, logp)
         assert loss == 0 and torch.equal(g, torch.zeros_like(g))
         assert all(torch.isfinite(v).all() for v in met.values()), met
@@ -436,17 +436,24 @@ def test_micro_batches_add_up_to_mini_batch(agg, max_len):
     assert torch.allclose(torch.autograd.grad(full, logp)[0], torch.autograd.grad(summed, logp)[0], atol=1e-12)
 
 
-def test_micro_batch_mean_is_deepscalers():
-    """DeepScaleR's own: each micro-batch's token mean divided by the accumulation count; differs from the
-    mini-batch token-mean when micro-batches hold different numbers of tokens."""
+def test_mean_of_micro_batch_means():
+    """Each micro-batch's token mean divided by the micro-batch count (formerly "micro-batch-mean", mislabelled
+    as DeepScaleR's: verl summed the means, see test_deepscaler_*); differs from the mini-batch token-mean
+    when micro-batches hold different numbers of tokens. The old name is refused with a pointer."""
     logp, old, ref, adv, mask, ent = random_batch(b=6, t=9, seed=6)
     parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
-    theirs = sum(policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], kl_coef=0.05, loss_agg="micro-batch-mean",
-                             normaliser=len(parts))[0] for s in parts)
+    count = sum(loss_normaliser(mask[s], "mean-of-micro-batch-means") for s in parts)
+    assert count == 3
+    theirs = sum(policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], kl_coef=0.05,
+                             loss_agg="mean-of-micro-batch-means", normaliser=count)[0] for s in parts)
     expect = sum(ref_policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], kl_coef=0.05) for s in parts) / 3
     assert torch.allclose(theirs.double(), expect, atol=1e-9)
+    g, g_ref = torch.autograd.grad(theirs, logp)[0], torch.autograd.grad(expect, logp)[0]
+    assert torch.allclose(g.double(), g_ref, atol=1e-9)
     ours, _ = policy_loss(logp, old, ref, adv, mask, kl_coef=0.05)
     assert not torch.allclose(ours, theirs, atol=1e-3)
+    with pytest.raises(ValueError, match="renamed 'mean-of-micro-batch-means'"):
+        policy_loss(logp, old, ref, adv, mask, loss_agg="micro-batch-mean")
 
 
 def test_on_policy_old_logp_none_and_errors():

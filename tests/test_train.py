@@ -1,6 +1,7 @@
 """train.py: data, packing, recipe switches, checkpoint/resume exactness, NaN handling, validation, and the
 CPU demo (a shortened run must learn; the same run with shuffled advantages must not)."""
 import json
+import math
 import os
 
 import pytest
@@ -101,6 +102,23 @@ def test_published_recipe_values():
                                                                               0.001, 32768, 8)
     assert [(s.max_response_tokens, s.group_size) for s in cfg.stages] == [(8192, 8), (16384, 16), (24576, 16)]
     assert not (cfg.dynamic_sampling or cfg.overlong_filter or cfg.dr_grpo) and cfg.clip_eps_high is None
+    # DeepScaleR's README: context extended at steps 1040 and 1520; 8 GPUs for 8K, 4 x 8 for 16K/24K
+    assert [cfg.stage_start(i) for i in (1, 2)] == [1040, 1520] and cfg.stage_at(1519)[0] == 1
+    assert [s.deepscaler_gpus for s in cfg.stages] == [8, 32, 32]
+    assert (cfg.loss_agg, cfg.deepscaler_micro_tokens, cfg.objective) == ("deepscaler", 32768, "grpo")
+    assert cfg.tis_c is None and cfg.mis_c is None  # DeepScaleR had no rollout correction
+
+
+def test_loss_switch_errors(tmp_path):
+    """Bad loss switches stop at config time with the field's name."""
+    recipe = os.path.join(os.path.dirname(T.__file__), "config", "deepscaler_1.5b.py")
+    for args, match in ((["--tis_c=2.0", "--top_p=0.95"], "top_p < 1 or top_k"), (["--mis_c=2", "--top_k=20"], "top_k"),
+                        (["--loss_agg=micro-batch-mean"], "renamed"), (["--objective=ppo"], "objective"),
+                        (["--mis_c=1.0"], "mis_c must be > 1"), (["--dynamic_sampling"], "dynamic_sampling"),
+                        (["--prompts_per_step=6"], r"stages\[1\]: 96 samples .* deepscaler_gpus=32 x mini_batches=2")):
+        with pytest.raises(SystemExit, match=match):
+            T.load_config([recipe, *args])
+    assert T.load_config([recipe, "--tis_c=2.0", "--mis_c=3.0", "--mis_level=sequence"]).tis_c == 2.0
 
 # -----------------------------------------------------------------------------
 # Recipe switches, each shown by its effect
@@ -135,6 +153,45 @@ def test_clip_higher_lets_ratios_rise_further(inputs):
         T.train_mini_batch(model, opt, [m], cfg, T.Stage(1, 8, 1), T.D.Dist(), acc)
         fracs.append(acc.result(T.D.Dist())["clip_frac"])
     assert fracs == [1.0, 0.0]
+
+
+def test_rollout_correction_metrics_and_objectives_in_the_update(inputs):
+    """train_mini_batch with TIS and MIS against the engine's log-probs: tokens whose engine log-prob is 1.0
+    higher than the trainer's (rho = e^-1) are masked by MIS (C = 2) and out of every count; the logged ratio
+    statistics, truncated/masked fractions and effective sample size follow from the planted ratios. GSPO and
+    CISPO run through the same update."""
+    model = M.from_pretrained(inputs.init_from)
+    ctx = T.D.Dist()
+    s1, s2 = sample([0, 2, 8, 3], [4, 5, 13, 1], adv=1.0), sample([0, 2, 7], [6, 1], adv=-1.0)
+    cfg = T.TrainConfig(kl_coef=0.0, entropy_coef=0.0, temperature=1.0, tis_c=1.2, mis_c=2.0)
+    m = T.pack([s1, s2], 64, False, "cpu")[0]
+    T.fill_advantages(m)
+    trainer = T.logprobs(model, m, cfg, ctx)
+    resp = m.mask.bool()
+    shift = torch.zeros_like(trainer)
+    idx = resp.nonzero().squeeze(1)
+    shift[idx[0]], shift[idx[1]], shift[idx[2]] = 1.0, -0.5, -0.1   # rho = e^-1 (masked), e^0.5 (truncated), e^0.1
+    m.engine_logp = torch.where(resp, trainer + shift, 0.0)
+    acc = T.Accumulator("cpu")
+    ok, _ = T.train_mini_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), [m], cfg, T.Stage(1, 8, 2), ctx, acc)
+    res = acc.result(ctx)
+    n = int(resp.sum())
+    assert ok and n == 6 and m.loss_mask.sum() == n - 1
+    assert res["is_masked_frac"] == pytest.approx(1 / n)
+    kept = [math.exp(0.5), math.exp(0.1)] + [1.0] * (n - 3)
+    assert res["is_ratio_max"] == pytest.approx(math.exp(0.5), rel=1e-4)
+    assert res["is_ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert res["is_ratio_mean"] == pytest.approx(sum(kept) / len(kept), rel=1e-4)
+    assert res["is_truncated_frac"] == pytest.approx(1 / len(kept))
+    w = [min(x, 1.2) for x in kept]
+    assert res["is_ess"] == pytest.approx((sum(w) / len(w)) ** 2 / (sum(x * x for x in w) / len(w)), rel=1e-4)
+    assert "logp_diff_mean" in res  # MIS's pass over the on-policy mini-batch is the trainer's recomputation
+    for objective in ("gspo", "cispo"):
+        cfg2 = T.TrainConfig(kl_coef=0.0, entropy_coef=0.0, temperature=1.0, objective=objective)
+        m.old_logp = None
+        ok, grad_norm = T.train_mini_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), [m], cfg2,
+                                           T.Stage(1, 8, 2), ctx, T.Accumulator("cpu"))
+        assert ok and grad_norm > 0
 
 
 def test_dynamic_sampling_leaves_no_all_equal_group(tmp_path, inputs):

@@ -1,7 +1,8 @@
 """train.py under torchrun on CPU (gloo): 2 ranks with FSDP2 reach the same weights as 1 process on the same
 global batch; a run killed under torchrun resumes on a different number of processes (DCP reshards);
 a stage switch changes length and group size, resets the reference to the current weights and the
-optimizer. Rollouts are injected (fixed token ids and rewards) so sampling cannot make the test flaky."""
+optimizer; loss_agg="deepscaler" (with masked importance sampling) gives the same gradients on 1, 2 and 8
+ranks. Rollouts are injected (fixed token ids and rewards) so sampling cannot make the test flaky."""
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ def config(inputs, out_dir, **kw):
                         kl_coef=0.01, entropy_coef=0.01, token_budget=48, gradient_checkpointing=True,
                         ckpt_interval=1, keep_last=5, grader_workers=1, engine_memory=2**20, threads=1, seed=3)
     for k, v in kw.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, [T.Stage(*s) if isinstance(s, list) else s for s in v] if k == "stages" else v)
     return cfg
 
 
@@ -146,3 +147,41 @@ def test_two_ranks_equal_one_rank_kill_resume_and_stage_switch(tmp_path, inputs,
     torchrun(tmp_path, inputs, grown, 2, resume=True)
     assert close(weights(grown), w1)
     assert [r["step"] for r in metrics(grown)] == [0, 1, 2]
+
+
+DEEPSCALER = dict(loss_agg="deepscaler", deepscaler_micro_tokens=20, prompts_per_step=8, mis_c=30.0, ckpt_interval=100,
+                  stages=[T.Stage(1, 8, 4, deepscaler_gpus=4), T.Stage(1, 12, 8, deepscaler_gpus=8)])
+
+
+def test_deepscaler_gradient_is_the_same_on_1_2_and_8_ranks(tmp_path, inputs, monkeypatch):
+    """DeepScaleR's layout (4 emulated GPUs in stage 0, 8 in stage 1; 2-4 verl micro-batches per GPU and
+    mini-batch) is a property of the batch, not of this run: each token's weight comes from its verl
+    micro-batch, so 1 process, 2 and 8 FSDP ranks (each packing its own share into 48-token micro-batches)
+    get the same gradient norms and weights. Masked importance sampling (C = 30 against the injected
+    engine log-probs of -1) drops some tokens from those micro-batches' counts, across ranks. Cost: ~130 s of
+    CPU time (8 processes on 2 cores is most of it); 3 min 15 s wall at load average ~15."""
+    monkeypatch.setattr(T, "collect", fixed_collect)
+    torch.set_num_threads(1)
+    runs = {1: tmp_path / "w1"}
+    T.train(config(inputs, runs[1], **DEEPSCALER))
+    for n in (2, 8):
+        runs[n] = tmp_path / f"w{n}"
+        kw = {k: v for k, v in DEEPSCALER.items() if k != "stages"}
+        kw["stages"] = [[s.steps, s.max_response_tokens, s.group_size, s.deepscaler_gpus] for s in DEEPSCALER["stages"]]
+        assert f"world {n}" in torchrun(tmp_path, inputs, runs[n], n, **kw)
+    m = {n: metrics(d) for n, d in runs.items()}
+    print("deepscaler grad norms per step:", {n: [r["grad_norm"] for r in rows] for n, rows in m.items()},
+          "masked:", [r["is_masked_frac"] for r in m[1]])
+    assert [r["samples"] for r in m[1]] == [32, 64]
+    assert all(0.0 < r["is_masked_frac"] < 0.9 for r in m[1])  # MIS did drop some tokens, not all
+    for n in (2, 8):
+        for a, b in zip(m[1], m[n]):
+            assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * (1 + a["grad_norm"]), (n, a["grad_norm"], b["grad_norm"])
+            assert abs(a["is_masked_frac"] - b["is_masked_frac"]) < 1e-9 and abs(a["kl"] - b["kl"]) < 1e-6
+    w = {n: weights(d) for n, d in runs.items()}
+    assert not close(w[1], M.from_pretrained(inputs["ckpt"]).state_dict())
+    assert close(w[2], w[1]) and close(w[8], w[1])
+    # and it is not token-mean's gradient: the same batches, another aggregation
+    tm = tmp_path / "token_mean"
+    T.train(config(inputs, tm, **dict(DEEPSCALER, loss_agg="token-mean")))
+    assert abs(metrics(tm)[0]["grad_norm"] - m[1][0]["grad_norm"]) > 1e-3 * m[1][0]["grad_norm"]
