@@ -42,14 +42,18 @@ DEMO_WARM_BATCH = 64
 
 
 def write_tokenizer(path):
-    """Character-level tokenizer in tokenizer.json form, so the normal Tokenizer.from_pretrained reads it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer in Qwen2's own form (byte-level BPE with no merges, so one token per
+    character), written as tokenizer.json for the normal Tokenizer.from_pretrained. Why Qwen2's form:
+    transformers 5 rebuilds any model_type=qwen2 tokenizer as byte-level BPE from the file's vocabulary,
+    so only this form tokenizes the same there (spaces included) as here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for c in list(dict.fromkeys(CHARS)) + WORDS + [" "]:
+    for c in list(dict.fromkeys(CHARS)) + WORDS + ["Ġ"]:  # Ġ: the byte-level spelling of a space
         vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.add_tokens(WORDS)  # matched whole before the character split
     os.makedirs(path, exist_ok=True)
@@ -61,12 +65,10 @@ def write_tokenizer(path):
 
 
 def tokenizer_config():
-    """In the shape transformers 5 accepts (special tokens as plain strings: a bare {"content": ...} dict is
-    refused) and loads as is: tokenizer_class makes AutoTokenizer read tokenizer.json unchanged instead of
-    building Qwen2's BPE tokenizer from config.json's model_type."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[0], "eos_token": SPECIALS[1],
-            "pad_token": SPECIALS[1], "model_max_length": MODEL["max_position_embeddings"],
-            "chat_template": TEMPLATE, M.INSTRUCTION_KEY: ""}
+    """Special tokens as plain strings (transformers 5 refuses a bare {"content": ...} dict); the prompt
+    format (chat template, empty instruction); the context length."""
+    return {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "pad_token": SPECIALS[1],
+            "model_max_length": MODEL["max_position_embeddings"], "chat_template": TEMPLATE, M.INSTRUCTION_KEY: ""}
 
 
 def problems(seed, n):

@@ -15,6 +15,7 @@ KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor p
     k_cache[layer], v_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
 (flash-attn's paged layout), so a token in slot s lives at block s // block_size, row s % block_size.
 """
+import functools
 import json
 import math
 import os
@@ -603,21 +604,36 @@ class Tokenizer:
 
     def encode(self, text: str) -> list:
         enc = self.tok.encode(text, add_special_tokens=False)
-        unk = getattr(self.tok.model, "unk_token", None)  # byte-level BPE (Qwen's) has none: it spells anything
-        if unk and self.tok.token_to_id(unk) in enc.ids:
-            self.warn_unknown(text, enc, unk)
+        if not self.spells_everything:
+            self.warn_unknown(text, enc)
         return enc.ids
 
-    def warn_unknown(self, text, enc, unk):
-        """Warn (once per character) when text maps to the unknown token without being that token."""
-        unk_id = self.tok.token_to_id(unk)
-        lost = {text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk_id and text[a:b] != unk}
+    @functools.cached_property
+    def spells_everything(self):
+        """Byte-level BPE with all 256 byte symbols (Qwen's) cannot lose text: skip the per-token check."""
+        from tokenizers import pre_tokenizers
+        return (getattr(self.tok.model, "unk_token", None) is None
+                and set(pre_tokenizers.ByteLevel.alphabet()) <= self.tok.get_vocab().keys())
+
+    def warn_unknown(self, text, enc):
+        """Warn (once per character) about text the tokenizer cannot spell: mapped to its unknown token
+        (WordLevel, WordPiece), or dropped (BPE without byte fallback leaves a gap in the offsets).
+        Byte-level BPE with every byte (Qwen's) spells anything, so real checkpoints never warn."""
+        unk = getattr(self.tok.model, "unk_token", None)
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        unk_text = self.tok.decode([unk_id], skip_special_tokens=False) if unk_id is not None else None
+        lost, end = set(), 0
+        for i, (a, b) in zip(enc.ids + [None], enc.offsets + [(len(text), len(text))]):
+            if a > end:  # a gap: dropped text (whitespace that a pre-tokenizer splits on is no loss)
+                lost.update(c for c in text[end:a] if not c.isspace())
+            if i == unk_id and text[a:b] != unk_text:
+                lost.update(text[a:b])
+            end = max(end, b)
         new = sorted(lost - self.unknown_seen)
         if new:
             self.unknown_seen.update(new)
             warnings.warn(f"{self.source or 'tokenizer'} has no token for {', '.join(map(repr, new))} (in {text[:80]!r}): "
-                          f"each becomes the unknown token {unk!r}, so the model sees different text",
-                          UnknownTokenWarning, stacklevel=3)
+                          "the model is shown different text", UnknownTokenWarning, stacklevel=3)
 
     def decode(self, ids, skip_special_tokens=False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
