@@ -1,11 +1,13 @@
-"""loggers.py: the optional TensorBoard / W&B copies of the metrics rows (train.py's hook is tested in
-test_train.py::test_tensorboard_gets_the_metrics_rows). No training here: a few seconds in all."""
+"""What reads the metrics rows besides metrics.jsonl: loggers.py's optional TensorBoard / W&B copies
+(train.py's hook is tested in test_train.py::test_tensorboard_gets_the_metrics_rows) and plot.py's
+panels. No training here: a few seconds in all."""
 import sys
 import types
 
 import pytest
 
 import loggers
+import plot
 import train as T
 
 
@@ -66,3 +68,18 @@ def test_missing_package_is_named_and_off_by_default(tmp_path, monkeypatch, flag
     with pytest.raises(SystemExit, match=f"--{flag} needs the {flag} package \\(pip install {flag}\\)"):
         loggers.Mirrors(T.TrainConfig(out_dir=str(tmp_path), **{flag: True}))
     assert loggers.Mirrors(T.TrainConfig(out_dir=str(tmp_path), **{flag: True}), enabled=False).sinks == []
+
+
+def test_plot_leaves_out_all_zero_panels_and_smooths():
+    rows = [{"step": s, "reward_mean": (s % 2) * 1.0, "kl": 0.0, "response_len_mean": 7 + s, "logp_diff_mean": None,
+             "time_step": 0.5} for s in range(40)]
+    rows[10]["val_accuracy"] = 0.25
+    assert [t for t, _ in plot.panels(rows)] == ["reward", "response length", "step time (s)"]  # KL all zero
+    rows[3]["kl"] = 1e-4
+    assert "KL" in [t for t, _ in plot.panels(rows)]
+    raw = [r["reward_mean"] for r in rows]
+    smoothed = plot.smooth(raw)  # span 2 for 40 points
+    assert len(smoothed) == 40 and smoothed[0] == raw[0]  # debiased: starts at the first value, not at 0
+    assert plot.smooth([3.0] * 9, span=4) == pytest.approx([3.0] * 9)  # a constant stays itself
+    assert max(smoothed[10:]) - min(smoothed[10:]) < 0.6 < max(raw) - min(raw)  # the 0/1 zig-zag flattens
+    assert plot.smooth(raw, span=1) == raw
