@@ -27,8 +27,8 @@ def panels(rows):
 
 def smooth(values, span=None):
     """Exponential moving average, debiased at the start (as TensorBoard's slider), over about `span`
-    points (default: a 20th of the run, so the trend reads the same at 50 steps or 5,000)."""
-    span = span or max(1, len(values) // 20)
+    points (default: a 20th of the run, so the trend reads the same at 100 steps or 5,000; at least 5)."""
+    span = span or max(1, len(values) // 20, min(5, len(values) // 5))
     w = 1.0 - 1.0 / span
     out, acc, norm = [], 0.0, 0.0
     for v in values:

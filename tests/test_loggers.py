@@ -78,8 +78,8 @@ def test_plot_leaves_out_all_zero_panels_and_smooths():
     rows[3]["kl"] = 1e-4
     assert "KL" in [t for t, _ in plot.panels(rows)]
     raw = [r["reward_mean"] for r in rows]
-    smoothed = plot.smooth(raw)  # span 2 for 40 points
+    smoothed = plot.smooth(raw)  # span 5 for 40 points
     assert len(smoothed) == 40 and smoothed[0] == raw[0]  # debiased: starts at the first value, not at 0
     assert plot.smooth([3.0] * 9, span=4) == pytest.approx([3.0] * 9)  # a constant stays itself
-    assert max(smoothed[10:]) - min(smoothed[10:]) < 0.6 < max(raw) - min(raw)  # the 0/1 zig-zag flattens
+    assert max(smoothed[10:]) - min(smoothed[10:]) < 0.3 < max(raw) - min(raw)  # the 0/1 zig-zag flattens
     assert plot.smooth(raw, span=1) == raw
