@@ -280,6 +280,9 @@ def test_export_loads_in_transformers_and_samples_in_the_demo_format(tmp_path, i
                                    add_generation_prompt=True) == prompt
     for text in (prompt, "<think></think>\\boxed{68}<｜end▁of▁sentence｜>", "12 + 3 = 15"):
         assert tok(text, add_special_tokens=False).input_ids == ours_tok.encode(text), text
+    import eval as E  # eval.py's prompts follow the checkpoint too
+    assert E.make_prompts(ours_tok, {"val": [{"id": 0, "problem": "23+45"}]}, E.EvalConfig())[0]["val"][0][1] == \
+        ours_tok.encode(prompt)
     x = torch.tensor([ours_tok.encode(prompt + "<think></think>\\boxed{6")])
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() < 1e-4
