@@ -3,7 +3,8 @@ Sample from a model: the rollout engine's front door.
 
     python sample.py --ckpt DIR --prompt "What is 1+1?" --num-samples 4 --temperature 0.6 --top-p 0.95 --max-tokens 512
 
-applies the checkpoint's chat template and instruction (the demo's: none), prints the completions and reports tokens/s. From code:
+applies the checkpoint's chat template and instruction (the demo's: none), prints the completions and
+reports tokens/s. From code:
 
     from sample import generate, Engine
     comps = generate(model, [[ids...], [ids...]], max_new_tokens=512, temperature=0.6, top_p=0.95, n=8, seed=step)
