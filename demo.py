@@ -16,6 +16,7 @@ mostly are not: the rise after that is GRPO's doing.
 import json
 import os
 import random
+import time
 
 import torch
 
@@ -24,7 +25,12 @@ import model as M
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 CHARS = "0123456789+=}"
 WORDS = ["\\boxed{"]  # one token: the demo's answers are then 7 tokens, <think></think>\boxed{68}<eos>
-TEMPLATE = "{{bos_token}}{% for m in messages %}{{'<｜User｜>' + m['content']}}{% endfor %}{{'<｜Assistant｜>'}}"
+# The prompt format, carried by the checkpoint so sample.py / eval.py / transformers' apply_chat_template
+# all build "<bos><｜User｜>23+45<｜Assistant｜>": a real Jinja chat template (R1-distill's shape, no
+# system prompt) and, under model.INSTRUCTION_KEY, an empty instruction.
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
 
 # the tiny Qwen2: ~0.5M parameters, vocabulary = specials + the characters above, padded to 32 rows
 MODEL = dict(vocab_size=32, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
@@ -36,23 +42,33 @@ DEMO_WARM_BATCH = 64
 
 
 def write_tokenizer(path):
-    """Character-level tokenizer in tokenizer.json form, so the normal Tokenizer.from_pretrained reads it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer in Qwen2's own form (byte-level BPE with no merges, so one token per
+    character), written as tokenizer.json for the normal Tokenizer.from_pretrained. Why Qwen2's form:
+    transformers 5 rebuilds any model_type=qwen2 tokenizer as byte-level BPE from the file's vocabulary,
+    so only this form tokenizes the same there (spaces included) as here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for c in list(dict.fromkeys(CHARS)) + WORDS + [" "]:
+    for c in list(dict.fromkeys(CHARS)) + WORDS + ["Ġ"]:  # Ġ: the byte-level spelling of a space
         vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.add_tokens(WORDS)  # matched whole before the character split
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": {"content": SPECIALS[0]}, "eos_token": {"content": SPECIALS[1]},
-                   "chat_template": TEMPLATE}, f)
+        json.dump(tokenizer_config(), f, indent=2, ensure_ascii=False)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 0, "eos_token_id": 1}, f)
+
+
+def tokenizer_config():
+    """Special tokens as plain strings (transformers 5 refuses a bare {"content": ...} dict); the prompt
+    format (chat template, empty instruction); the context length."""
+    return {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "pad_token": SPECIALS[1],
+            "model_max_length": MODEL["max_position_embeddings"], "chat_template": TEMPLATE, M.INSTRUCTION_KEY: ""}
 
 
 def problems(seed, n):
@@ -76,9 +92,11 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def warm_start(model, tok, rows, steps, lr, batch, seed):
-    """Plain next-token cross-entropy on prompt + correct response (loss on the response only)."""
+def warm_start(model, tok, rows, steps, lr, batch, seed, log_every_s=5.0):
+    """Plain next-token cross-entropy on prompt + correct response (loss on the response only).
+    Prints a progress line every log_every_s seconds (plain lines: they read well in a log file too)."""
     g = torch.Generator().manual_seed(seed)
+    t0 = last = time.time()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     examples = []
     for r in rows:
@@ -86,7 +104,7 @@ def warm_start(model, tok, rows, steps, lr, batch, seed):
         y = tok.encode(response(r)) + tok.eos_token_ids[:1]
         examples.append((p, y))
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(len(examples), (batch,), generator=g).tolist()
         ids, tgt, mask, lens = [], [], [], []
         for i in idx:
@@ -104,6 +122,10 @@ def warm_start(model, tok, rows, steps, lr, batch, seed):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if time.time() - last >= log_every_s or step + 1 == steps:
+            last, took = time.time(), time.time() - t0
+            print(f"demo warm-start: step {step + 1}/{steps} | loss {loss.item():.3f} | {took:.0f}s, "
+                  f"ETA {took / (step + 1) * (steps - step - 1):.0f}s", flush=True)
     return model
 
 
@@ -112,14 +134,17 @@ def prepare(cfg, warm_steps=DEMO_WARM_STEPS):
     root = os.path.join(cfg.out_dir, "demo")
     ckpt = os.path.join(root, f"init_warm{warm_steps}_seed{cfg.seed}")
     train, val = os.path.join(root, "train.jsonl"), os.path.join(root, "val.json")
+    tok_dir = os.path.join(root, "tokenizer")
     os.makedirs(root, exist_ok=True)
     if not os.path.exists(train):
+        print(f"demo: writing 2,000 addition problems to {train} and {val}", flush=True)
         rows = problems(seed=1234, n=2000)
         write_jsonl(train, rows[:1800])
         with open(val, "w") as f:  # eval.py reads DeepScaleR's JSON-list form
             json.dump(rows[1800:], f)
     if not os.path.exists(os.path.join(ckpt, "config.json")):
-        tok_dir = os.path.join(root, "tokenizer")
+        print(f"demo: a {MODEL['num_hidden_layers']}-layer Qwen2 learns the answer format by {warm_steps} supervised "
+              f"steps (once; ~40 s on 2 idle CPU cores) -> {ckpt}", flush=True)
         write_tokenizer(tok_dir)
         tok = M.Tokenizer.from_pretrained(tok_dir)
         torch.manual_seed(cfg.seed)
@@ -128,5 +153,7 @@ def prepare(cfg, warm_steps=DEMO_WARM_STEPS):
             rows = [json.loads(line) for line in f]
         warm_start(model, tok, rows, warm_steps, DEMO_WARM_LR, DEMO_WARM_BATCH, cfg.seed)
         M.save_pretrained(model, ckpt, source_path=tok_dir)
+    elif M.read_json(os.path.join(ckpt, "tokenizer_config.json")) != tokenizer_config():
+        write_tokenizer(ckpt)  # built by an older version: today's tokenizer files (same vocabulary and ids)
     cfg.init_from, cfg.train_data, cfg.val_data = ckpt, train, val
     return cfg

@@ -5,6 +5,7 @@ OlympiadBench), laid out like the paper's table, with the published numbers besi
     python eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT_DIR --data DATA_DIR --out runs/eval
     python eval.py ... --sets aime --samples 4 --max-tokens 2048  # a short eval
+    python eval.py --ckpt out/demo/hf --data out/demo/demo/val.json --samples 4 --max-tokens 24  # the CPU demo
 
 The published protocol by default: 16 samples per problem, temperature 0.6, top_p 0.95, 32,768 new
 tokens; pass@1 is the mean correctness, printed with its standard error (the sampling noise of n
@@ -443,15 +444,16 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
         if all(have):
             records = have
         else:  # sample the whole chunk again: it is deterministic, so the samples already on disk recur
-            records = run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos, progress and rank == 0)
+            records = run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos,
+                                progress and rank == 0 and sys.stderr.isatty())
             new = [r for r in records if (r["dataset"], r["problem_id"], r["sample"]) not in done]
             new_tokens += sum(r["length"] for r in records)
             if path:
                 append_records(path, new)
         stats += [{k: r[k] for k in STAT_FIELDS} for r in records]
         elapsed = time.perf_counter() - t0
-        bar.update(len(records))
         bar.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        bar.update(len(records))
     bar.close()
     elapsed = time.perf_counter() - t0
 
@@ -467,10 +469,42 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
     return results
 
 
-def make_bar(total, enabled):
+def make_bar(total, enabled, stream=None):
+    """Advances a chunk at a time, for the ETA of the whole eval. On a terminal, a tqdm bar (and the
+    engine's bar shows the chunk in flight); piped into a log, plain lines instead of cursor movements."""
+    stream = stream or sys.stderr
+    if enabled and not stream.isatty():
+        return PlainProgress(total, stream)
     from tqdm import tqdm
-    # advances a chunk at a time, for the ETA of the whole eval; the engine's bar shows the chunk in flight
-    return tqdm(total=total, unit="sample", desc="eval", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, unit="sample", desc="eval", disable=not enabled, dynamic_ncols=True, file=stream)
+
+
+class PlainProgress:
+    """tqdm's update / set_postfix_str / close as one line per `every` seconds (and a last one)."""
+    every = 30.0
+
+    def __init__(self, total, stream):
+        self.total, self.stream, self.n, self.postfix = total, stream, 0, ""
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n):
+        self.n += n
+        if time.perf_counter() - self.last >= self.every:
+            self.print()
+
+    def set_postfix_str(self, s):
+        self.postfix = s
+
+    def print(self):
+        self.last = now = time.perf_counter()
+        took = now - self.t0
+        eta = took / self.n * (self.total - self.n) if self.n else float("nan")
+        print(f"eval: {self.n}/{self.total} samples ({100 * self.n / max(self.total, 1):.0f}%) | {self.postfix} | "
+              f"{took:.0f}s, ETA {eta:.0f}s", file=self.stream, flush=True)
+
+    def close(self):
+        if self.n:
+            self.print()
 
 
 def barrier(world_size):
@@ -495,8 +529,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = EvalConfig()
     p.add_argument("--ckpt", required=True, help="a Qwen2 checkpoint folder in the Hugging Face layout")
-    p.add_argument("--data", required=True, help="folder with DeepScaleR's test sets (aime.json, ...)")
-    p.add_argument("--out", default="eval_out", help="folder for samples.jsonl, results.json, results.md")
+    p.add_argument("--data", required=True, help="folder with DeepScaleR's test sets (aime.json, ...), or one "
+                   "such JSON file (a set named after the file, e.g. the demo's out/demo/demo/val.json)")
+    p.add_argument("--out", default=None, help="folder for samples.jsonl, results.json, results.md "
+                   "(default: out/eval/NAME, NAME as in --name with / as _)")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated subset of " + ",".join(SETS))
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (short evals)")
     # not --n alone: torchrun's own parser takes it for an abbreviation of --nnodes / --nproc-per-node
@@ -515,8 +551,10 @@ def parse_args(argv=None):
                       help="end the prompt with '<think>\\n' (default: follow the checkpoint's template)")
     tmpl.add_argument("--no-think-template", dest="think_template", action="store_false")
     p.add_argument("--no-resume", action="store_true", help="discard samples already in --out")
-    p.add_argument("--name", default=None, help="row name in the table (default: the checkpoint folder)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--name", default=None, help="row name in the table (default: the checkpoint folder, with its "
+                   "parent for a training run's export: out/demo/hf -> demo/hf)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="bfloat16 on CUDA, float32 on CPU (as sample.py)")
     p.add_argument("--grader-workers", type=int, default=None)
     p.add_argument("--kv-memory-gb", type=float, default=None, help="KV pool size (default: the engine's choice)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded at once (engine default)")
@@ -525,6 +563,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    row_name = args.name or model_name(args.ckpt)
+    out_dir = args.out or os.path.join("out", "eval", row_name.replace("/", "_"))
     import distributed
     import model as M
     import reward
@@ -532,7 +572,13 @@ def main(argv=None):
     unknown = [s for s in names if s not in SETS]
     if unknown:
         raise SystemExit(f"--sets: unknown set(s) {unknown}; choose from {list(SETS)}")
-    datasets, skipped = load_datasets(args.data, names)
+    if os.path.isfile(args.data):  # one set, named after its file
+        if args.sets != ",".join(SETS):
+            raise SystemExit(f"--sets chooses files in a --data folder; {args.data} is one file")
+        names = [os.path.splitext(os.path.basename(args.data))[0]]
+        datasets, skipped = load_datasets(os.path.dirname(os.path.abspath(args.data)), names)
+    else:
+        datasets, skipped = load_datasets(args.data, names)
     if args.limit is not None:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
     ks = [int(k) for k in args.k.split(",") if k.strip()]
@@ -541,21 +587,50 @@ def main(argv=None):
         d = distributed.setup()  # NCCL on CUDA, gloo on CPU; a long timeout, as ranks finish unevenly
         rank, world_size, device = d.rank, d.world_size, d.device
         tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
-        model = M.from_pretrained(args.ckpt, device=device, dtype=M.DTYPES[args.dtype]).eval()
-        out_jsonl = os.path.join(args.out, "samples.jsonl")
+        dtype = M.DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = M.from_pretrained(args.ckpt, device=device, dtype=dtype).eval()
+        max_prompt_tokens = fit_context(args, model.config.max_position_embeddings, rank)
+        out_jsonl = os.path.join(out_dir, "samples.jsonl")
         results = evaluate(model, tokenizer, datasets, n=args.n, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
                            require_think=not args.no_think, think_template=args.think_template,
-                           max_prompt_tokens=args.max_prompt_tokens, chunk_size=args.chunk_size, ks=ks,
+                           max_prompt_tokens=max_prompt_tokens, chunk_size=args.chunk_size, ks=ks,
                            grader=grader, out_jsonl=out_jsonl, resume=not args.no_resume, rank=rank,
                            world_size=world_size, run_info={"ckpt": os.path.abspath(args.ckpt), "limit": args.limit},
                            engine_kwargs=engine_kwargs(args))
     if rank == 0:
         for name, msgs in skipped.items():
             results["datasets"][name]["skipped_rows"] = msgs
-        write_outputs(args.out, out_jsonl, world_size, results, args.name or os.path.basename(os.path.abspath(args.ckpt)))
+        write_outputs(out_dir, out_jsonl, world_size, results, row_name)
     distributed.teardown()
     return results
+
+
+def model_name(ckpt):
+    """A row name that says which model: the folder, with its parent when the folder is a training run's
+    export (out/demo/hf -> demo/hf) or a step checkpoint; org/name for a Hugging Face cache snapshot."""
+    parts = os.path.abspath(ckpt).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    if parts[-1] in ("hf", "export", "final") or parts[-1].startswith(("step_", "checkpoint")):
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+def fit_context(args, max_positions, rank):
+    """Prompt + response must fit the model's max_position_embeddings (later positions were never
+    trained): the prompt budget shrinks to leave room for --max-tokens, so longer prompts are left out
+    with the usual per-prompt warning; a --max-tokens that alone overruns the context is reported."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
+    where = f"max_position_embeddings {max_positions} in {os.path.join(args.ckpt, 'config.json')}"
+    if args.max_tokens >= max_positions:
+        say(f"warning: --max-tokens {args.max_tokens} alone runs past the model's {where}")
+        return min(args.max_prompt_tokens, max_positions - 1)
+    if args.max_prompt_tokens + args.max_tokens > max_positions:
+        say(f"note: --max-prompt-tokens {args.max_prompt_tokens} lowered to {max_positions - args.max_tokens}, "
+            f"so that prompt + --max-tokens {args.max_tokens} fit the model's {where}")
+        return max_positions - args.max_tokens
+    return args.max_prompt_tokens
 
 
 def engine_kwargs(args):

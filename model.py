@@ -15,11 +15,13 @@ KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor p
     k_cache[layer], v_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
 (flash-attn's paged layout), so a token in slot s lives at block s // block_size, row s % block_size.
 """
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -548,17 +550,29 @@ def replace_dir(tmp, path):
 
 USER, ASSISTANT, THINK = "<｜User｜>", "<｜Assistant｜>", "<think>\n"
 MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+# tokenizer_config.json key (ours; transformers keeps unknown keys and ignores them): the instruction this
+# checkpoint's prompts end with. Absent: DeepScaleR's MATH_INSTRUCTION. The demo's is "" (its tokenizer
+# has 21 characters and could not spell the English one).
+INSTRUCTION_KEY = "nanoscaler_instruction"
+
+
+class UnknownTokenWarning(UserWarning):
+    """Text the tokenizer cannot spell became its unknown token: the model is shown something else."""
 
 
 @dataclass
 class Tokenizer:
-    """tokenizer.json through `tokenizers`; special tokens and EOS ids read from the checkpoint's files."""
+    """tokenizer.json through `tokenizers`; special tokens, EOS ids and the prompt format read from the
+    checkpoint's files."""
     tok: object
     bos_token: str
     eos_token_ids: list
     pad_token_id: int
     think_in_template: bool = False  # the checkpoint's template ends the prompt with "<think>\n"
     vocab_size: int = field(default=0)
+    instruction: str = MATH_INSTRUCTION  # appended to each problem (tokenizer_config.json INSTRUCTION_KEY)
+    source: str = ""                 # the tokenizer.json read, for messages
+    unknown_seen: set = field(default_factory=set, repr=False)  # characters already warned about
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
@@ -568,29 +582,67 @@ class Tokenizer:
             tok = HFTokenizer.from_file(file)
         except Exception as e:
             raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from e
-        tcfg = read_json(os.path.join(path, "tokenizer_config.json"))
+        tcfg_path = os.path.join(path, "tokenizer_config.json")
+        tcfg = read_json(tcfg_path)
         gcfg = read_json(os.path.join(path, "generation_config.json"))
         bos = token_content(tcfg.get("bos_token"))
         eos = token_content(tcfg.get("eos_token"))
         pad = token_content(tcfg.get("pad_token")) or eos
         if not bos or not eos:
-            raise CheckpointError(f"{path}/tokenizer_config.json: bos_token and eos_token are required")
+            raise CheckpointError(f"{tcfg_path}: bos_token and eos_token are required")
         for special in (bos, eos, USER, ASSISTANT):
             if tok.token_to_id(special) is None:
                 raise CheckpointError(f"{file}: special token {special!r} is not in the vocabulary")
+        instruction = tcfg.get(INSTRUCTION_KEY, MATH_INSTRUCTION)
+        if not isinstance(instruction, str):
+            raise CheckpointError(f"{tcfg_path}: field '{INSTRUCTION_KEY}' must be a string, got {instruction!r}")
         eos_ids = gcfg.get("eos_token_id", tok.token_to_id(eos))
         eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
         think = THINK.strip() in str(tcfg.get("chat_template", "")).split(ASSISTANT)[-1]
-        return cls(tok, bos, eos_ids, tok.token_to_id(pad), think, tok.get_vocab_size(with_added_tokens=True))
+        return cls(tok, bos, eos_ids, tok.token_to_id(pad), think, tok.get_vocab_size(with_added_tokens=True),
+                   instruction, file)
 
     def encode(self, text: str) -> list:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        enc = self.tok.encode(text, add_special_tokens=False)
+        if not self.spells_everything:
+            self.warn_unknown(text, enc)
+        return enc.ids
+
+    @functools.cached_property
+    def spells_everything(self):
+        """Byte-level BPE with all 256 byte symbols (Qwen's) cannot lose text: skip the per-token check."""
+        from tokenizers import pre_tokenizers
+        return (getattr(self.tok.model, "unk_token", None) is None
+                and set(pre_tokenizers.ByteLevel.alphabet()) <= self.tok.get_vocab().keys())
+
+    def warn_unknown(self, text, enc):
+        """Warn (once per character) about text the tokenizer cannot spell: mapped to its unknown token
+        (WordLevel, WordPiece), or dropped (BPE without byte fallback leaves a gap in the offsets).
+        Byte-level BPE with every byte (Qwen's) spells anything, so real checkpoints never warn."""
+        unk = getattr(self.tok.model, "unk_token", None)
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        unk_text = self.tok.decode([unk_id], skip_special_tokens=False) if unk_id is not None else None
+        lost, end = set(), 0
+        for i, (a, b) in zip(enc.ids + [None], enc.offsets + [(len(text), len(text))]):
+            if a > end:  # a gap: dropped text (whitespace that a pre-tokenizer splits on is no loss)
+                lost.update(c for c in text[end:a] if not c.isspace())
+            if i == unk_id and text[a:b] != unk_text:
+                lost.update(text[a:b])
+            end = max(end, b)
+        new = sorted(lost - self.unknown_seen)
+        if new:
+            self.unknown_seen.update(new)
+            warnings.warn(f"{self.source or 'tokenizer'} has no token for {', '.join(map(repr, new))} (in {text[:80]!r}): "
+                          "the model is shown different text", UnknownTokenWarning, stacklevel=3)
 
     def decode(self, ids, skip_special_tokens=False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, problem: str, instruction: str = MATH_INSTRUCTION, think: bool | None = None) -> str:
-        """The R1-distill template; think=None follows the checkpoint (newer templates append <think>\\n)."""
+    def chat_prompt(self, problem: str, instruction: str | None = None, think: bool | None = None) -> str:
+        """The R1-distill template. instruction=None: the checkpoint's (DeepScaleR's unless its
+        tokenizer_config.json says otherwise); think=None follows the checkpoint (newer templates append
+        <think>\\n)."""
+        instruction = self.instruction if instruction is None else instruction
         return chat_template(problem, self.bos_token, instruction, self.think_in_template if think is None else think)
 
 

@@ -3,7 +3,8 @@ Sample from a model: the rollout engine's front door.
 
     python sample.py --ckpt DIR --prompt "What is 1+1?" --num-samples 4 --temperature 0.6 --top-p 0.95 --max-tokens 512
 
-applies the checkpoint's chat template, prints the completions and reports tokens/s. From code:
+applies the checkpoint's chat template and instruction (the demo's: none), prints the completions and
+reports tokens/s. From code:
 
     from sample import generate, Engine
     comps = generate(model, [[ids...], [ids...]], max_new_tokens=512, temperature=0.6, top_p=0.95, n=8, seed=step)
@@ -15,6 +16,7 @@ that owns a separate inference copy calls engine.update_weights(policy) before e
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -51,9 +53,12 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=-1)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="new tokens per sample (default 512, fewer if the model's max_position_embeddings is smaller)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-template", action="store_true", help="send the prompt text as is")
+    ap.add_argument("--instruction", default=None, help="text appended to each prompt (default: the checkpoint's own, "
+                    "DeepScaleR's 'Let's think step by step...' unless its tokenizer_config.json says otherwise)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     args = ap.parse_args()
@@ -61,17 +66,22 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = M.Tokenizer.from_pretrained(args.ckpt)
     model = M.from_pretrained(args.ckpt, device=device, dtype=dtype)
-    texts = args.prompt if args.no_template else [tok.chat_prompt(p) for p in args.prompt]
-    prompts = [tok.encode(t) for t in texts]
+    texts = args.prompt if args.no_template else [tok.chat_prompt(p, instruction=args.instruction) for p in args.prompt]
+    prompts = [tok.encode(t) for t in texts]  # warns (model.UnknownTokenWarning) on text it cannot spell
+    room = model.config.max_position_embeddings - max(map(len, prompts))
+    max_tokens = args.max_tokens or max(1, min(512, room))
+    if max_tokens > room:
+        print(f"warning: prompt + --max-tokens {max_tokens} exceeds the model's max_position_embeddings "
+              f"({model.config.max_position_embeddings}, config.json): later positions were never trained", file=sys.stderr)
     engine = Engine(model, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
-                    max_model_len=max(map(len, prompts)) + args.max_tokens)
+                    max_model_len=max(map(len, prompts)) + max_tokens)
     t0 = time.perf_counter()
-    comps = engine.generate(prompts, max_new_tokens=args.max_tokens, temperature=args.temperature,
+    comps = engine.generate(prompts, max_new_tokens=max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, n=args.num_samples, seed=args.seed)
     dt = time.perf_counter() - t0
     for c in comps:
         print(f"=== prompt {c.prompt_index} sample {c.sample_index} ({len(c.token_ids)} tokens, {c.finish_reason})")
-        print(texts[c.prompt_index] + tok.decode(c.token_ids))
+        print(tok.decode(prompts[c.prompt_index] + list(c.token_ids)))  # what the model saw, then its answer
     ntok = sum(len(c.token_ids) for c in comps)
     print(f"--- {len(comps)} completions, {ntok} tokens in {dt:.2f} s: {ntok / dt:,.1f} tokens/s on {device.type} "
           f"({engine.stats['preemptions']} preemptions, {engine.stats['prefix_blocks_shared']} prefix blocks shared)")

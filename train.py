@@ -38,6 +38,7 @@ import grpo
 import model as M
 from checkpoint import ckpt_dirs, load_checkpoint, save_checkpoint
 from configurator import configure
+from loggers import Mirrors
 from packing import fill_advantages, loss_agg_of, micro_batches, pack, split_mini_batches  # noqa: F401 (pack: tests)
 
 # -----------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class TrainConfig:
     # bookkeeping
     max_steps: int = 0               # stop early (0 = run every stage); the schedule does not depend on it
     log_interval: int = 1
+    tensorboard: bool = False        # also send each metrics row to TensorBoard, in out_dir/tb (loggers.py)
+    wandb: bool = False              # also send each metrics row to W&B (WANDB_MODE=offline needs no network)
     ckpt_interval: int = 20
     keep_last: int = 3
     export_hf: bool = True
@@ -574,6 +577,7 @@ def run(cfg, ctx, grader):
         say(f"resumed from {path}: step {step}, data position {pos}")
     if master:
         truncate_log(metrics_path, step)
+    mirrors = Mirrors(cfg, enabled=master)  # TensorBoard / W&B copies of metrics.jsonl, when asked for
     data = PromptStream(items, cfg.seed, pos)
     last = min(cfg.total_steps(), cfg.max_steps or cfg.total_steps())
     rows, t_run, first = [], time.time(), step
@@ -637,6 +641,7 @@ def run(cfg, ctx, grader):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            mirrors.log(row)
             if (step - 1) % cfg.log_interval == 0 or step == last:
                 print(console_line(row, last, time.time() - t_run, step - first), flush=True)
         if bad >= cfg.max_bad_steps:  # logged first, so the metrics show the failures
@@ -653,6 +658,7 @@ def run(cfg, ctx, grader):
                                                         "bad_steps": bad})
             say(f"checkpoint {cfg.out_dir}/ckpt/step_{step:06d} ({time.time() - tc:.1f}s)")
     pool.shutdown()
+    mirrors.close()
     if master and rows:
         from plot import plot
         plot(cfg.out_dir)

@@ -1,6 +1,6 @@
 """
 `triton` and `triton.language` for the kernel files, or stand-ins where Triton is not installed
-(requirements.txt installs it on Linux only): the kernel definitions still import, so their
+(requirements-test.txt installs it for the tests; CPU runs never need it): the kernel definitions still import, so their
 plain-PyTorch twins - which model.py and the engine use on CPU - work everywhere; launching a kernel
 then raises a clear ImportError.
 """

@@ -275,6 +275,58 @@ def test_cli_tiny_checkpoint_resumes(tmp_path, capsys):
     assert again["datasets"] == res["datasets"] and again["throughput"]["generated_tokens"] == 0
 
 
+def test_piped_progress_is_plain_lines(tokenizer, capsys, monkeypatch):
+    """Into a log (stderr not a terminal, as under pytest's capture) progress is periodic plain lines with
+    counts and an ETA, no carriage returns or cursor movements; on a terminal it stays a tqdm bar."""
+    monkeypatch.setattr(E.PlainProgress, "every", 0.0)  # a line per chunk
+    datasets = {"aime": E.load_dataset(os.path.join(DATA, "aime.json"))[0]}
+    E.evaluate(ScriptedEngine(tokenizer), tokenizer, datasets, n=2, max_tokens=8, chunk_size=1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    lines = [line for line in err.splitlines() if line.startswith("eval: ")]
+    n = len(datasets["aime"])
+    assert len(lines) == n + 1 and lines[-1].startswith(f"eval: {2 * n}/{2 * n} samples (100%) | ")
+    assert all("tok/s" in line and "ETA" in line for line in lines)
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            pass
+
+        def flush(self):
+            pass
+    assert type(E.make_bar(10, True, Terminal())).__name__ == "tqdm"
+
+
+def test_cli_defaults_name_the_model_fit_its_context_and_use_float32_on_cpu(tmp_path, monkeypatch, capsys):
+    """Without --name/--out/--dtype: the row is named after the run (RUN/hf, not "hf"), results go to the
+    git-ignored out/eval/RUN_hf, weights load in float32 on CPU (as in sample.py). A model whose
+    max_position_embeddings is smaller than prompt + response budget gets a smaller prompt budget, said
+    out loud, so prompts that would overrun it are left out by name. --data may be one JSON file."""
+    import torch
+    ckpt = tiny_checkpoint(str(tmp_path / "my_run" / "hf"), seed=3, max_position_embeddings=64)
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    real = M.from_pretrained
+    monkeypatch.setattr(M, "from_pretrained", lambda *a, **k: loaded.append(k["dtype"]) or real(*a, **k))
+    res = E.main(["--ckpt", ckpt, "--data", os.path.join(DATA, "aime.json"), "--samples", "2", "--max-tokens", "6",
+                  "--grader-workers", "1", "--kv-memory-gb", "0.01"])
+    printed = capsys.readouterr()
+    assert loaded == [torch.float32]
+    assert "| my_run/hf |" in printed.out and (tmp_path / "out/eval/my_run_hf/results.md").exists()
+    assert "--max-prompt-tokens 2048 lowered to 58, so that prompt + --max-tokens 6 fit" in printed.err
+    assert res["config"]["max_prompt_tokens"] == 58 and list(res["datasets"]) == ["aime"]
+    assert res["datasets"]["aime"]["too_long"]  # the long AIME prompts, each reported
+    assert "prompt has" in printed.err and "> max_prompt_tokens 58; left out" in printed.err
+    # a response budget that alone overruns the context: warned, and the run goes on
+    assert E.fit_context(E.parse_args(["--ckpt", ckpt, "--data", DATA, "--max-tokens", "64"]), 64, 0) == 63
+    assert "--max-tokens 64 alone runs past the model's max_position_embeddings 64" in capsys.readouterr().err
+    assert E.model_name("/x/models--org--name/snapshots/abc123") == "org/name"
+    assert E.model_name("/x/checkpoints/r1-distill-1.5b") == "r1-distill-1.5b"
+
+
 def test_torchrun_two_ranks(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo): chunks dealt to the ranks, each rank's shard merged by
     rank 0 into one samples.jsonl holding every (problem, sample) exactly once; one table, from rank 0.

@@ -163,6 +163,46 @@ def test_tokenizer_and_both_templates(tmp_path):
     assert old.eos_token_ids == [1] and old.pad_token_id == 1
 
 
+
+def test_unknown_characters_warn_once_naming_the_file(tmp_path):
+    """Text a tokenizer cannot spell is reported, never silent: the fixture's WordLevel maps it to its
+    unknown token ' ', the demo's byte-level BPE (no merges, 21 tokens) drops it. Known text is silent."""
+    import warnings
+    import demo
+    write_tokenizer(tmp_path / "wordlevel")
+    demo.write_tokenizer(str(tmp_path / "demo"))
+    cases = {"wordlevel": ("What is 12 + 34?", "12+34 é", ["é"]),
+             "demo": ("12 + 34", "What is 12+34?", ["?", "W", "a", "h", "i", "s", "t"])}
+    for name, (fine, bad, lost) in cases.items():
+        tok = M.Tokenizer.from_pretrained(str(tmp_path / name))
+        assert not tok.spells_everything
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning here fails the test
+            tok.encode(tok.chat_prompt(fine, instruction=""))
+        with pytest.warns(M.UnknownTokenWarning) as w:
+            tok.encode(bad)
+        msg = str(w[0].message)
+        assert str(tmp_path / name / "tokenizer.json") in msg
+        assert all(repr(c) in msg for c in lost) and "' '" not in msg.split("(in")[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tok.encode(bad)  # once per character: a dataset of such rows warns once
+
+
+def test_checkpoint_carries_its_instruction(tmp_path):
+    """tokenizer_config.json's nanoscaler_instruction replaces DeepScaleR's instruction by default (the
+    demo's is empty); an explicit instruction still wins; a non-string is refused by file and field."""
+    write_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert M.Tokenizer.from_pretrained(str(tmp_path)).instruction == M.MATH_INSTRUCTION
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, M.INSTRUCTION_KEY: "Answer briefly."}))
+    tok = M.Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_prompt("1+1") == "<｜begin▁of▁sentence｜><｜User｜>1+1 Answer briefly.<｜Assistant｜>"
+    assert tok.chat_prompt("1+1", instruction="") == "<｜begin▁of▁sentence｜><｜User｜>1+1<｜Assistant｜>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, M.INSTRUCTION_KEY: 3}))
+    with pytest.raises(M.CheckpointError, match=f"tokenizer_config.json: field '{M.INSTRUCTION_KEY}'"):
+        M.Tokenizer.from_pretrained(str(tmp_path))
+
 # --------------------------------------------------------------------------- errors, messages checked
 
 def write_config(path, **changes):

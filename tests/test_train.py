@@ -307,3 +307,63 @@ def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]
     T.truncate_log(str(path), 0)  # a fresh run starts an empty log
     assert path.read_text() == ""
+
+# -----------------------------------------------------------------------------
+# After training: the export in transformers, sample.py on it by default, the TensorBoard copy of the rows
+
+
+def read_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_export_loads_in_transformers_and_samples_in_the_demo_format(tmp_path, inputs, monkeypatch, capsys):
+    """The demo's HF export (out_dir/hf after a 2-step run) loads in transformers, model and tokenizer:
+    same logits, same token ids (spaces too), and its chat template renders our prompt. `python sample.py
+    --ckpt OUT/hf --prompt 23+45` then uses the demo's format (no English instruction) without a warning.
+    ~10 s plus the shared demo inputs."""
+    import warnings
+    transformers = pytest.importorskip("transformers")
+    import sample
+    cfg = tiny(inputs, tmp_path, steps=2)
+    T.train(cfg)
+    hf = os.path.join(cfg.out_dir, "hf")
+    ours_tok, ours = M.Tokenizer.from_pretrained(hf), M.from_pretrained(hf, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    prompt = ours_tok.chat_prompt("23+45")
+    assert prompt == "<｜begin▁of▁sentence｜><｜User｜>23+45<｜Assistant｜>"
+    assert tok.apply_chat_template([{"role": "user", "content": "23+45"}], tokenize=False,
+                                   add_generation_prompt=True) == prompt
+    for text in (prompt, "<think></think>\\boxed{68}<｜end▁of▁sentence｜>", "12 + 3 = 15"):
+        assert tok(text, add_special_tokens=False).input_ids == ours_tok.encode(text), text
+    import eval as E  # eval.py's prompts follow the checkpoint too
+    assert E.make_prompts(ours_tok, {"val": [{"id": 0, "problem": "23+45"}]}, E.EvalConfig())[0]["val"][0][1] == \
+        ours_tok.encode(prompt)
+    x = torch.tensor([ours_tok.encode(prompt + "<think></think>\\boxed{6")])
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() < 1e-4
+    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", hf, "--prompt", "23+45", "--num-samples", "2",
+                                     "--temperature", "0", "--device", "cpu"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", M.UnknownTokenWarning)
+        sample.main()
+    out = capsys.readouterr().out
+    assert out.count(prompt + "<think>") == 2 and "Let's think" not in out
+
+
+def test_tensorboard_gets_the_metrics_rows(tmp_path, inputs):
+    """--tensorboard writes every numeric field of every metrics.jsonl row, at its step, to out_dir/tb.
+    ~5 s plus the shared demo inputs."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny(inputs, tmp_path, steps=3, tensorboard=True)
+    T.train(cfg)
+    rows = read_rows(cfg.out_dir)
+    events = EventAccumulator(os.path.join(cfg.out_dir, "tb"), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    numeric = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert tags == numeric - {"step"} and {"reward_mean", "kl", "grad_norm", "time_step"} <= tags
+    for tag in ("reward_mean", "response_len_mean", "kl", "data_pos"):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows]
