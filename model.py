@@ -542,6 +542,9 @@ def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
                            "temperature": 0.6, "top_p": 0.95}, f, indent=2)
+        mode = os.stat(tmp).st_mode & 0o666  # the umask's file mode (mkdir applied it); safetensors writes 0600
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), mode)
         replace_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
