@@ -288,7 +288,8 @@ def rotate(root, final, keep_last):
     step = int(STEP_DIR.fullmatch(os.path.basename(final)).group(1))
     older = [p for s, p in step_dirs(out_dir) if s < step and os.path.isfile(os.path.join(p, MARKER))]
     for old in older[:max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(old, old + ".deleting")  # a kill inside rmtree then leaves no half-deleted step_N behind
+        shutil.rmtree(old + ".deleting", ignore_errors=True)
 
 
 def move_aside(path, why):
@@ -371,7 +372,7 @@ def never_checkpointed(out_dir, cfg):
     ckpt = os.path.join(out_dir, "ckpt")
     if os.path.exists(os.path.join(out_dir, "hf")) or (os.path.exists(ckpt) and not os.path.isdir(ckpt)):
         return False
-    if os.path.isdir(ckpt) and any(not d.endswith(".tmp") for d in os.listdir(ckpt)):
+    if os.path.isdir(ckpt) and any(not d.endswith((".tmp", ".deleting")) for d in os.listdir(ckpt)):
         return False
     return last_logged_step(out_dir) < cfg.ckpt_interval
 
@@ -437,10 +438,11 @@ def decide(cfg, say):
 
 
 def clean_unfinished(out_dir):
-    """Checkpoint writes a kill cut short (.tmp) are never complete: they only take space."""
+    """Checkpoint writes and deletions a kill cut short (step_N.tmp, step_N.deleting) only take space."""
     root = os.path.join(out_dir, "ckpt")
     for d in os.listdir(root) if os.path.isdir(root) else []:
-        if d.endswith(".tmp") and STEP_DIR.fullmatch(d[:-4]):
+        name, _, suffix = d.rpartition(".")
+        if suffix in ("tmp", "deleting") and STEP_DIR.fullmatch(name):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
