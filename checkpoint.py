@@ -366,13 +366,13 @@ def last_logged_step(out_dir):
 
 
 def never_checkpointed(out_dir, cfg):
-    """A run killed before its first checkpoint finished: no export, nothing in ckpt/ but unfinished
-    .tmp writes, and no logged step after the first checkpoint was due. Restarting it from step 0 is
-    what resuming means for it."""
+    """A run killed before its first checkpoint was sealed: no export, no folder in ckpt/ that was ever
+    sealed (damaged ones moved aside included; an empty step_N someone made does not count), and no logged
+    step after the first checkpoint was due. Restarting it from step 0 is what resuming means for it."""
     ckpt = os.path.join(out_dir, "ckpt")
     if os.path.exists(os.path.join(out_dir, "hf")) or (os.path.exists(ckpt) and not os.path.isdir(ckpt)):
         return False
-    if os.path.isdir(ckpt) and any(not d.endswith((".tmp", ".deleting")) for d in os.listdir(ckpt)):
+    if os.path.isdir(ckpt) and any(os.path.exists(os.path.join(ckpt, d, MARKER)) for d in os.listdir(ckpt)):
         return False
     return last_logged_step(out_dir) < cfg.ckpt_interval
 

@@ -119,6 +119,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_pat
     T.train(tiny(inputs, out, stop_at_step=1, ckpt_interval=2))  # step 0 logged, killed before any checkpoint
     (out / "ckpt").mkdir()
     (out / "ckpt" / "step_000002.tmp").mkdir()  # a first checkpoint the kill cut short
+    (out / "ckpt" / "step_000099").mkdir()  # and a folder someone made: never sealed, so not a lost checkpoint
     rows = T.train(tiny(inputs, out, resume=True))
     assert "never finished a checkpoint" in capsys.readouterr().out
     assert stable(metrics(out)) == stable(reference["rows"]) and len(rows) == 4
