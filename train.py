@@ -1,13 +1,21 @@
 """
 GRPO the DeepScaleR way, in one file that reads top to bottom.
 
+usage: python train.py [CONFIG.py ...] [--key=value ...]     (torchrun --nproc_per_node=N train.py ...: N GPUs)
+       python train.py --plot=OUT_DIR                         (OUT_DIR/metrics.png; needs matplotlib)
+       python train.py -h | --help                            (this, then every field)
+
     python train.py config/demo.py                        # the CPU demo (minutes, 2 cores)
     python train.py config/deepscaler_1.5b.py --init_from=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
-    python train.py config/demo.py --resume               # continue a killed run from its last checkpoint
-    python train.py --plot=out/demo                        # metrics.png from out/demo/metrics.jsonl
 
-A config file is Python that edits `config` (a TrainConfig whose defaults are the published recipe);
-`--key=value` overrides come after it (configurator.py). Each step:
+Arguments apply in order; every field is checked before anything loads (configurator.py). A CONFIG.py is
+Python that edits `config`, a TrainConfig whose defaults are the published recipe (`config.lr = 1e-5`); names
+it sets that are not fields are refused, so helper variables start with _. --key=value takes a Python literal
+(str fields: the text as typed; bools: true/false, a bare --flag is true). A folder that holds a run is
+refused unless --resume (continue it; a new folder starts fresh) or --overwrite (delete it): README,
+"Resuming and recovering".
+
+Each step:
   1. take the step's prompts (shuffled by seed; this rank's share, whole groups only);
   2. roll out `group_size` answers each with the Engine on the current weights;
   3. grade them with the batch Grader, in a thread while the reference/old log-prob passes run;
@@ -39,7 +47,7 @@ import grpo
 import model as M
 import checkpoint as C
 from checkpoint import ckpt_dirs, load_checkpoint, logged_step, save_checkpoint, truncate_log  # noqa: F401
-from configurator import ConfigError, check_fields, configure
+from configurator import ConfigError, check_fields, configure, help_text
 
 # -----------------------------------------------------------------------------
 # Config
@@ -54,9 +62,7 @@ class Stage:
 
 @dataclass
 class TrainConfig:
-    # Each field: its type, default, one line of meaning for --help, and an optional [check on x]
-    # (configurator.py reads them from here; a new field needs nothing else).
-
+    # one line per field, `name: type = default  # meaning for --help [optional check on x]` (configurator.py)
     # inputs and outputs
     init_from: str = ""              # HF checkpoint folder: the policy and the first reference start here
     train_data: str = ""             # DeepScaleR JSON list, JSONL, or parquet (problem, answer[, solution])
@@ -142,8 +148,7 @@ def load_config(argv):
 
 def check_config(cfg):
     """The field table's checks (again, for configs built in code) and the rules that join two fields."""
-    check_fields(cfg)
-    if cfg.prompts_per_step % cfg.mini_batches:
+    if check_fields(cfg).prompts_per_step % cfg.mini_batches:
         raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must split into {cfg.mini_batches} mini-batches")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues out_dir's run and --overwrite deletes it: choose one")
@@ -681,36 +686,9 @@ def train(cfg):
         finally:
             D.teardown()
 
-USAGE = """\
-usage: python train.py [CONFIG.py ...] [--key=value ...]
-       torchrun --nproc_per_node=N train.py [CONFIG.py ...] [--key=value ...]
-       python train.py --plot=OUT_DIR [--plot=OUT_DIR ...]
-       python train.py -h | --help
-
-GRPO the DeepScaleR way (README.md). Arguments apply in order, and every field is checked before
-anything loads. A CONFIG.py is Python that edits `config`, a TrainConfig whose defaults are the
-published recipe: `config.lr = 1e-5`, `config.stages = [Stage(steps=500, max_response_tokens=24,
-group_size=8)]` (config/demo.py, config/deepscaler_1.5b.py); names it sets that are not fields are
-refused, so helper variables start with _. --key=value sets one field: a Python literal, str fields
-take the text as typed, bools take true/false (a bare --flag is true), none is None where allowed.
-
-  --resume        continue the run in out_dir from its newest complete checkpoint (a damaged one is
-                  reported and the previous one used); in a new or empty folder it starts fresh, so a
-                  requeue script can always pass it. README: "Resuming and recovering".
-  --overwrite     a folder that already holds a run is refused without --resume; this deletes that
-                  run (metrics.jsonl, metrics.png, ckpt/, hf/) and starts afresh.
-  --plot=OUT_DIR  draw OUT_DIR/metrics.jsonl into OUT_DIR/metrics.png (needs matplotlib), nothing else.
-
-Every field: --name (type, default; the check its value must pass), then what it means. Stage(...)
-entries of `stages` are checked field by field too.
-"""
-
-
 def main(argv):
-    if "-h" in argv or "--help" in argv:
-        from configurator import help_text
-        print(help_text(TrainConfig, USAGE), end="")
-        return None
+    if "-h" in argv or "--help" in argv:  # the docstring up to "Each step:", then every field
+        return print(help_text(TrainConfig, __doc__.split("Each step:")[0].strip()), end="")
     plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
     if not plot_dirs:
         return train(load_config(argv))

@@ -169,7 +169,7 @@ def test_help_lists_every_field_with_type_default_and_meaning(capsys):
     for flag in ("--help", "-h"):
         T.main([flag])
         text = capsys.readouterr().out
-        assert text.startswith("usage: python train.py")
+        assert "usage: python train.py [CONFIG.py ...] [--key=value ...]" in text
         for f in list(C.describe(T.TrainConfig).values()) + list(C.describe(T.Stage).values()):
             assert f.name in text and f.help.split()[0] in text
         assert "--lr (float, default 1e-06; x >= 0)" in text and "AdamW learning rate" in text
