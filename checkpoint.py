@@ -304,6 +304,13 @@ def move_aside(path, why):
 # Loading
 
 
+def agree(err, ctx, touched_ref):
+    """Raise CheckpointDamaged on every rank if any rank met an error."""
+    errors = [e for e in D.all_gather_objects(None if err is None else f"{type(err).__name__}: {err}", ctx) if e]
+    if errors:
+        raise CheckpointDamaged(f"cannot load it ({errors[0][:300]})", touched_ref)
+
+
 def load_checkpoint(path, ctx, model, opt, ref):
     """Trainer state, policy, optimizer and reference from a checkpoint folder, every tensor checked
     against the marker's checksums; raises CheckpointDamaged (on every rank) when anything does not match."""
@@ -311,17 +318,21 @@ def load_checkpoint(path, ctx, model, opt, ref):
     from torch.distributed.checkpoint.state_dict import set_state_dict
     marker = read_marker(path) or {}
     mine = os.path.join(path, f"trainer_rank{ctx.rank}.pt")  # absent when resuming on more ranks than saved
-    payload, err = None, None
+    state, err = None, None
     try:
         state = torch.load(mine if os.path.exists(mine) else os.path.join(path, "trainer_rank0.pt"), weights_only=True)
-        payload = train_payload(model, opt, ref, state["stage"])
+        if not isinstance(state, dict) or not {"step", "stage", "data_pos", "bad_steps", "rng"} <= set(state):
+            raise ValueError(f"not a trainer state: {str(state)[:100]}")
+    except Exception as e:
+        err = e
+    agree(err, ctx, False)  # every rank enters DCP's collective load, or none does
+    payload = train_payload(model, opt, ref, state["stage"])
+    touched_ref = "ref" in payload  # the load writes into the live tensors
+    try:
         dcp(load, payload, path, ctx)
-    except Exception as e:  # a damaged file: DCP reports a failure on one rank to all of them
-        err = f"{type(e).__name__}: {e}"
-    errors = [e for e in D.all_gather_objects(err, ctx) if e]
-    touched_ref = payload is not None and "ref" in payload
-    if errors:
-        raise CheckpointDamaged(f"cannot load it ({errors[0][:300]})", touched_ref)
+    except Exception as e:  # DCP reports a failure on one rank to all of them
+        err = e
+    agree(err, ctx, touched_ref)
     sums = tensor_sums(payload, ctx)
     expected = marker.get("tensor_sums", {})
     bad = sorted(k for k in set(sums) | set(expected) if sums.get(k) != expected.get(k))
