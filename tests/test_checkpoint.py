@@ -1,7 +1,8 @@
 """checkpoint.py and train.py's start: a run folder is never destroyed or mixed unless told in so many
 words, only sealed checkpoints are resumed from, a damaged newest checkpoint is reported and the previous
 one used, the trainer state loads with weights_only=True, exports get ordinary permissions and say "no
-space". Tiny random models (tests/fixtures.py), in-process runs of a few steps: ~60 s in all on 2 cores."""
+space". Tiny random models (tests/fixtures.py), in-process runs of a few steps: 67-95 s in all on the
+shared 2-core machine (load average 8-12)."""
 import json
 import os
 import shutil

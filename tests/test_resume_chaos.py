@@ -5,8 +5,8 @@ uninterrupted run, every step logged exactly once.
 
 Seeded and time-bounded: NANOSCALER_CHAOS_SEED (default 0); the four FORCED moments and MIN_RANDOM random
 ones always run, then random kills go on until NANOSCALER_CHAOS_SECONDS (default 0) have passed, so a soak
-is NANOSCALER_CHAOS_SECONDS=1800. Cost: one interpreter start per process (7 by default, ~5 s CPU each,
-most of it importing torch): ~40 s CPU in all; wall time on the shared 2-core machine 1-3 min."""
+is NANOSCALER_CHAOS_SECONDS=1800. Cost: one interpreter start per process (7 by default, most of each one
+importing torch): 48 s CPU in all; 100 s wall at load average 8 on the shared 2-core machine, 4.5 min at 12."""
 import json
 import os
 import random
