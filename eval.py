@@ -269,9 +269,26 @@ def shard_path(out_jsonl, rank, world_size):
 STAT_FIELDS = ("dataset", "problem_id", "sample", "reward", "length", "finish_reason")
 
 
-def read_records(out_jsonl, compact=False):
-    """All records in out_jsonl and its rank shards, keyed (set, problem_id, sample). A line cut
-    short by an interruption is ignored (its chunk is simply sampled again). compact: only the
+def record_problem(r):
+    """Why a parsed samples.jsonl line cannot be reused (None: it can). The metrics read these fields."""
+    if not isinstance(r, dict):
+        return f"is a {type(r).__name__}, not an object"
+    for name, ok in (("dataset", lambda v: isinstance(v, str)), ("finish_reason", lambda v: isinstance(v, str)),
+                     ("problem_id", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                     ("sample", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                     ("length", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                     ("reward", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))):
+        if name not in r:
+            return f"has no '{name}'"
+        if not ok(r[name]):
+            return f"has '{name}' = {json.dumps(r[name])[:40]}, not a valid value"
+    return None
+
+
+def read_records(out_jsonl, compact=False, report=None):
+    """All records in out_jsonl and its rank shards, keyed (set, problem_id, sample). A line that is not
+    a usable record (cut short by an interruption, or a field of the wrong type) is left out, so its
+    chunk is sampled again, and named in `report` (a list of messages) when given. compact: only the
     fields metrics need (a full 32K-token eval holds ~1 GB of response text)."""
     stem, ext = os.path.splitext(out_jsonl)
     records = {}
@@ -279,13 +296,17 @@ def read_records(out_jsonl, compact=False):
         if not os.path.exists(path):
             continue
         with open(path) as f:
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 try:
                     r = json.loads(line)
-                    records[(r["dataset"], r["problem_id"], r["sample"])] = (
-                        {k: r[k] for k in STAT_FIELDS} if compact else r)
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    why = record_problem(r)
+                except json.JSONDecodeError:
+                    why = "is not valid JSON (cut short?)"
+                if why:
+                    if report is not None and line.strip():
+                        report.append(f"{path}:{lineno}: the line {why}; its sample is drawn again")
                     continue
+                records[(r["dataset"], r["problem_id"], r["sample"])] = {k: r[k] for k in STAT_FIELDS} if compact else r
     return records
 
 
@@ -302,21 +323,37 @@ def append_records(path, records):
 
 
 def check_meta(out_jsonl, meta, write):
-    """Samples on disk are reused only if they were drawn with the same settings."""
+    """Samples on disk are reused only if they were drawn with the same settings. A samples.meta.json that
+    cannot be read says nothing about them: they are moved aside (named, never deleted) and drawn again."""
     path = os.path.splitext(out_jsonl)[0] + ".meta.json"
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = read_meta(path) if os.path.exists(path) else None
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{path}: the samples next to it were drawn with different settings "
                              + ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
                              + "; use another --out or delete them")
     elif write:
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(out_jsonl)
+            for p in [out_jsonl, path] + glob.glob(f"{glob.escape(stem)}.rank*{ext}"):
+                if os.path.exists(p):
+                    os.replace(p, p + ".unverified")
+            print(f"warning: {path} is not a valid settings file; the samples beside it were moved to "
+                  "*.unverified and are drawn again", file=sys.stderr)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, path)
+
+
+def read_meta(path):
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        return old if isinstance(old, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -431,9 +468,15 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
             meta_path = os.path.splitext(out_jsonl)[0] + ".meta.json"
             if os.path.exists(meta_path):
                 os.remove(meta_path)
+        if rank == 0:  # first: it may move unverifiable samples aside
+            check_meta(out_jsonl, meta, write=True)
         barrier(world_size)
-        check_meta(out_jsonl, meta, write=rank == 0)
-        done = read_records(out_jsonl, compact=True) if resume else {}
+        if rank != 0:
+            check_meta(out_jsonl, meta, write=False)
+        report = []
+        done = read_records(out_jsonl, compact=True, report=report) if resume else {}
+        for msg in report if rank == 0 else []:
+            print(f"warning: {msg}", file=sys.stderr)
 
     total = sum(len(items) for _, _, items in mine) * cfg.n
     bar = make_bar(total, progress and rank == 0)

@@ -15,12 +15,12 @@ KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor p
     k_cache[layer], v_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
 (flash-attn's paged layout), so a token in slot s lives at block s // block_size, row s % block_size.
 """
+import errno
 import functools
 import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -44,6 +44,27 @@ class ConfigError(ValueError):
     pass
 
 
+REQUIRED = object()
+
+
+def hf_field(hf, name, kind, source, default=None, positive=False):
+    """hf[name] if its JSON type is in kind ("int|null"), default if absent; a wrong type is refused naming
+    the file and field (true is not an integer, "false" is not a bool)."""
+    if name not in hf:
+        if default is REQUIRED:
+            raise ConfigError(f"{source}: field '{name}' is missing")
+        return default
+    v = hf[name]
+    is_kind = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool),
+               "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               "str": isinstance(v, str), "list": isinstance(v, list), "dict": isinstance(v, dict), "null": v is None}
+    if not any(is_kind[k] for k in kind.split("|")):
+        raise ConfigError(f"{source}: field '{name}' must be {kind.replace('|', ' or ')}, got {json.dumps(v)}")
+    if positive and v is not None and v <= 0:
+        raise ConfigError(f"{source}: field '{name}' must be positive, got {v!r}")
+    return v
+
+
 @dataclass
 class Config:
     vocab_size: int = 151936
@@ -64,52 +85,58 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
         """Read a transformers config.json dict: the published style (rope_theta, torch_dtype) or the
-        newer one (rope_parameters, dtype). Anything we do not implement is refused by name."""
+        newer one (rope_parameters, dtype). Every field we read is type-checked (a string "false" is not
+        a bool); anything we do not implement is refused by name."""
         def refuse(field_name, why):
             raise ConfigError(f"{source}: field '{field_name}' {why}; nanoscaler implements plain Qwen2 only")
 
-        arch = hf.get("architectures") or ["Qwen2ForCausalLM"]
-        if hf.get("model_type", "qwen2") != "qwen2":
+        def get(name, kind, default=None, positive=False):
+            return hf_field(hf, name, kind, source, default, positive)
+
+        arch = get("architectures", "list|null") or ["Qwen2ForCausalLM"]
+        if get("model_type", "str", "qwen2") != "qwen2":
             refuse("model_type", f"is {hf.get('model_type')!r}, expected 'qwen2'")
         if arch != ["Qwen2ForCausalLM"]:
             refuse("architectures", f"is {arch!r}, expected ['Qwen2ForCausalLM']")
-        if hf.get("hidden_act", "silu") != "silu":
+        if get("hidden_act", "str", "silu") != "silu":
             refuse("hidden_act", f"is {hf['hidden_act']!r}, expected 'silu'")
-        if hf.get("use_sliding_window", False):
+        if get("use_sliding_window", "bool|null", False):
             refuse("use_sliding_window", "is true (sliding-window attention)")
-        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        if any(t != "full_attention" for t in get("layer_types", "list|null") or []):
             refuse("layer_types", "asks for sliding-window layers")
-        if hf.get("rope_scaling"):
+        if get("rope_scaling", "dict|null"):
             refuse("rope_scaling", f"is {hf['rope_scaling']!r} (rope scaling)")
-        rope = hf.get("rope_parameters") or {}
+        rope = get("rope_parameters", "dict|null") or {}
         if rope.get("rope_type", "default") != "default":
             refuse("rope_parameters", f"has rope_type {rope['rope_type']!r} (rope scaling)")
-        if hf.get("attention_dropout", 0.0):
+        if get("attention_dropout", "number", 0.0):
             refuse("attention_dropout", "is non-zero")
 
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        for name in required:
-            if not isinstance(hf.get(name), int) or hf[name] <= 0:
-                raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {hf.get(name)!r}")
+        for name in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
+            get(name, "int", REQUIRED, positive=True)
         heads = hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
+        kv_heads = get("num_key_value_heads", "int|null", positive=True) or heads
         if heads % kv_heads:
             raise ConfigError(f"{source}: field 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads})")
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        head_dim = get("head_dim", "int|null", positive=True) or hf["hidden_size"] // heads
         if head_dim * heads != hf["hidden_size"]:
             refuse("head_dim", f"is {head_dim}, but hidden_size / num_attention_heads = {hf['hidden_size'] / heads}")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+        theta = hf_field(rope, "rope_theta", "number", f"{source}: rope_parameters", None, positive=True)
+        theta = theta if theta is not None else get("rope_theta", "number", 10000.0, positive=True)
+        dtype = get("dtype", "str|null") or get("torch_dtype", "str|null") or "bfloat16"
         if dtype not in ("float32", "bfloat16", "float16"):
             refuse("torch_dtype", f"is {dtype!r}")
+        eos = get("eos_token_id", "int|list|null")
+        if isinstance(eos, list) and not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise ConfigError(f"{source}: field 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 131072), rope_theta=float(theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), torch_dtype=dtype,
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            max_position_embeddings=get("max_position_embeddings", "int", 131072, positive=True),
+            rope_theta=float(theta), rms_norm_eps=float(get("rms_norm_eps", "number", 1e-6, positive=True)),
+            tie_word_embeddings=get("tie_word_embeddings", "bool", False), torch_dtype=dtype,
+            bos_token_id=get("bos_token_id", "int|null"), eos_token_id=eos,
         )
 
     @classmethod
@@ -412,6 +439,12 @@ def checkpoint_files(path: str) -> dict:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> file name")
+        for name, fname in weight_map.items():
+            # shard files sit beside the index: an absolute path or a "../" would read outside the folder
+            if not isinstance(fname, str) or not fname or os.path.isabs(fname) or ".." in fname.replace("\\", "/").split("/"):
+                raise CheckpointError(f"{index}: weight_map[{name!r}] = {fname!r} is not a file inside {path}")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     if os.path.exists(single):
         return {name: single for name in safetensors_keys(single)}
@@ -472,7 +505,9 @@ def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**
                     state_dict=None):
     """Write the HF layout atomically: safetensors (sharded with an index past max_shard_bytes),
     config.json, generation_config.json and the tokenizer files of the source checkpoint.
-    state_dict: full tensors gathered beforehand (an FSDP-sharded model's own state_dict holds shards)."""
+    state_dict: full tensors gathered beforehand (an FSDP-sharded model's own state_dict holds shards).
+    The folder gets ordinary permissions (umask applies, 0755/0644 usually); a full disk is refused before
+    writing, and a kill part-way leaves a temporary that the next save removes."""
     from safetensors.torch import save_file
     cfg = model.config
     state = state_dict if state_dict is not None else model.state_dict()
@@ -482,7 +517,11 @@ def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    recover_temporaries(path)
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    ensure_space(parent, need, f"the export {path}")
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(tmp)  # not tempfile.mkdtemp: its 0700 would hide the export from other users
     try:
         shards = shard_state(state, max_shard_bytes)
         if len(shards) == 1:
@@ -493,9 +532,8 @@ def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                 weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                json.dump({"metadata": {"total_size": need}, "weight_map": weight_map}, f, indent=2)
         hf = cfg.to_hf()
         hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -506,11 +544,32 @@ def save_pretrained(model: Qwen2, path: str, dtype=None, max_shard_bytes=5 * 2**
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
                            "temperature": 0.6, "top_p": 0.95}, f, indent=2)
+        mode = os.stat(tmp).st_mode & 0o666  # the umask's file mode (mkdir applied it); safetensors writes 0600
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), mode)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and (no_space(e) or shutil.disk_usage(parent).free < 16 * 2**20):
+            raise OSError(errno.ENOSPC, f"no space left while writing the export {path} ({e}); "
+                                        f"{shutil.disk_usage(parent).free / 2**30:.2f} GiB free in {parent}") from e
         raise
     return path
+
+
+def ensure_space(folder, need, what):
+    """Refuse a write that cannot fit: a full disk otherwise fails half-way (safetensors: "unexpected pos")."""
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05 + 16 * 2**20:
+        raise OSError(errno.ENOSPC, f"no space left for {what}: it needs about {need / 2**30:.2f} GiB and "
+                                    f"{folder} has {free / 2**30:.2f} GiB free")
+
+
+def no_space(e):
+    """Was e (or what caused it) a full disk?"""
+    while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        e = e.__cause__ or e.__context__
+    return e is not None
 
 
 def shard_state(state, max_shard_bytes):
@@ -531,11 +590,11 @@ def copy_tokenizer_files(source, dest):
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         src = os.path.join(source, name)
         if os.path.exists(src):
-            shutil.copy2(src, os.path.join(dest, name))
+            shutil.copyfile(src, os.path.join(dest, name))  # contents only: the export's own permissions
 
 
 def replace_dir(tmp, path):
-    """Swap tmp into path: the old folder survives until the new one is complete."""
+    """Swap tmp into path: the old folder survives (as tmp.old) until the new one is in place."""
     old = None
     if os.path.exists(path):
         old = tmp + ".old"
@@ -543,6 +602,23 @@ def replace_dir(tmp, path):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_temporaries(path):
+    """What a kill during save_pretrained left beside path: when it died between replace_dir's two
+    renames, path is missing and T.old holds the previous export while T holds the finished new one
+    (T.old exists only once T was complete): T is moved into place. Every other .tmp-NAME-* goes."""
+    parent, prefix = os.path.dirname(path), f".tmp-{os.path.basename(path)}-"
+    temps = sorted(d for d in os.listdir(parent) if d.startswith(prefix))
+    if not os.path.exists(path):
+        for d in temps:
+            if d.endswith(".old"):
+                done = d[:-len(".old")]
+                os.rename(os.path.join(parent, done if done in temps else d), path)
+                break
+    for d in temps:
+        if os.path.exists(os.path.join(parent, d)):
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -653,13 +729,17 @@ def chat_template(problem: str, bos: str = "<｜begin▁of▁sentence｜>", inst
 
 
 def read_json(path):
+    """A JSON object from path ({} if there is no such file); anything else is refused naming the file."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def token_content(t):

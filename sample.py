@@ -44,6 +44,17 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                            top_k=top_k, n=n, seed=seed, stop_token_ids=stop_token_ids, progress=progress)
 
 
+def position_limit(max_positions, longest_prompt, max_tokens, ap):
+    """The engine's max_model_len: never past the positions the model was trained for (rotary positions
+    beyond max_position_embeddings give garbage); the answer is cut there, and the user is told."""
+    if longest_prompt >= max_positions:
+        ap.error(f"a prompt has {longest_prompt} tokens; the model's max_position_embeddings is {max_positions}")
+    if longest_prompt + max_tokens > max_positions:
+        print(f"warning: --max-tokens {max_tokens} would run past max_position_embeddings ({max_positions}); "
+              f"answers stop at {max_positions - longest_prompt} new tokens for the longest prompt", file=sys.stderr)
+    return min(longest_prompt + max_tokens, max_positions)
+
+
 def main():
     import model as M
     ap = argparse.ArgumentParser(description="Sample completions from a checkpoint with the chat template.")
@@ -63,18 +74,18 @@ def main():
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False; "
+                 f"torch {torch.__version__}); use --device cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = M.Tokenizer.from_pretrained(args.ckpt)
     model = M.from_pretrained(args.ckpt, device=device, dtype=dtype)
     texts = args.prompt if args.no_template else [tok.chat_prompt(p, instruction=args.instruction) for p in args.prompt]
     prompts = [tok.encode(t) for t in texts]  # warns (model.UnknownTokenWarning) on text it cannot spell
-    room = model.config.max_position_embeddings - max(map(len, prompts))
-    max_tokens = args.max_tokens or max(1, min(512, room))
-    if max_tokens > room:
-        print(f"warning: prompt + --max-tokens {max_tokens} exceeds the model's max_position_embeddings "
-              f"({model.config.max_position_embeddings}, config.json): later positions were never trained", file=sys.stderr)
-    engine = Engine(model, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
-                    max_model_len=max(map(len, prompts)) + max_tokens)
+    limit, longest = model.config.max_position_embeddings, max(map(len, prompts))
+    max_tokens = args.max_tokens or max(1, min(512, limit - longest))
+    max_len = position_limit(limit, longest, max_tokens, ap)
+    engine = Engine(model, vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids, max_model_len=max_len)
     t0 = time.perf_counter()
     comps = engine.generate(prompts, max_new_tokens=max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, n=args.num_samples, seed=args.seed)

@@ -1,13 +1,21 @@
 """
 GRPO the DeepScaleR way, in one file that reads top to bottom.
 
+usage: python train.py [CONFIG.py ...] [--key=value ...]     (torchrun --nproc_per_node=N train.py ...: N GPUs)
+       python train.py --plot=OUT_DIR                         (OUT_DIR/metrics.png; needs matplotlib)
+       python train.py -h | --help                            (this, then every field)
+
     python train.py config/demo.py                        # the CPU demo (minutes, 2 cores)
     python train.py config/deepscaler_1.5b.py --init_from=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
-    python train.py config/demo.py --resume               # continue a killed run from its last checkpoint
-    python train.py --plot=out/demo                        # metrics.png from out/demo/metrics.jsonl
 
-A config file is Python that edits `config` (a TrainConfig whose defaults are the published recipe);
-`--key=value` overrides come after it (configurator.py). Each step:
+Arguments apply in order; every field is checked before anything loads (configurator.py). A CONFIG.py is
+Python that edits `config`, a TrainConfig whose defaults are the published recipe (`config.lr = 1e-5`); names
+it sets that are not fields are refused, so helper variables start with _. --key=value takes a Python literal
+(str fields: the text as typed; bools: true/false, a bare --flag is true). A folder that holds a run is
+refused unless --resume (continue it; a new folder starts fresh) or --overwrite (delete it): README,
+"Resuming and recovering".
+
+Each step:
   1. take the step's prompts (shuffled by seed; this rank's share, whole groups only);
   2. roll out `group_size` answers each with the Engine on the current weights;
   3. grade them with the batch Grader, in a thread while the reference/old log-prob passes run;
@@ -36,8 +44,9 @@ import distributed as D
 import eval as E
 import grpo
 import model as M
-from checkpoint import ckpt_dirs, load_checkpoint, save_checkpoint
-from configurator import configure
+import checkpoint as C
+from checkpoint import ckpt_dirs, load_checkpoint, logged_step, save_checkpoint, truncate_log  # noqa: F401
+from configurator import ConfigError, check_fields, configure, help_text
 from loggers import Mirrors
 from packing import fill_advantages, loss_agg_of, micro_batches, pack, split_mini_batches  # noqa: F401 (pack: tests)
 
@@ -47,86 +56,87 @@ from packing import fill_advantages, loss_agg_of, micro_batches, pack, split_min
 @dataclass
 class Stage:
     """One context-length stage: at its start the reference becomes the current weights and the
-    optimizer resets (DeepScaleR's 8K -> 16K -> 24K). deepscaler_gpus: the GPUs DeepScaleR ran this stage
-    on (8 for 8K, 32 for 16K/24K), whose data layout loss_agg="deepscaler" reproduces on any world size."""
-    steps: int
-    max_response_tokens: int = 8192
-    group_size: int = 8
-    deepscaler_gpus: int = 8
+    optimizer resets (DeepScaleR's 8K -> 16K -> 24K)."""
+    steps: int                       # training steps in this stage [x >= 1]
+    max_response_tokens: int = 8192  # longest rollout answer, in tokens [x >= 1]
+    group_size: int = 8              # answers sampled per prompt; advantages are normalised within a group [x >= 1]
+    deepscaler_gpus: int = 8         # GPUs DeepScaleR ran this stage on (8 for 8K, 32 for 16K/24K): the layout loss_agg="deepscaler" reproduces [x >= 1]
 
 @dataclass
 class TrainConfig:
+    # one line per field, `name: type = default  # meaning for --help [optional check on x]` (configurator.py)
     # inputs and outputs
     init_from: str = ""              # HF checkpoint folder: the policy and the first reference start here
     train_data: str = ""             # DeepScaleR JSON list, JSONL, or parquet (problem, answer[, solution])
     val_data: str = ""               # comma-separated eval files for periodic validation ("" = none)
-    out_dir: str = "out/run"
+    out_dir: str = "out/run"         # one run per folder: metrics.jsonl, ckpt/, hf/ [x.strip() != ""]
     prepare: str = ""                # "module:function" that builds inputs before loading (the demo's)
-    prepare_args: dict = field(default_factory=dict)
+    prepare_args: dict = field(default_factory=dict)  # keyword arguments for `prepare`
     # data
-    prompts_per_step: int = 128
-    max_prompt_tokens: int = 1024    # longer prompts are dropped (and counted)
-    instruction: str = M.MATH_INSTRUCTION
+    prompts_per_step: int = 128      # prompts per step, all ranks together (DeepScaleR's train_batch_size) [x >= 1]
+    max_prompt_tokens: int = 1024    # longer prompts are dropped (and counted) [x >= 1]
+    instruction: str = M.MATH_INSTRUCTION  # appended to every problem in the prompt ("" = none)
     # rollout
-    stages: list = field(default_factory=lambda: [Stage(steps=1040, max_response_tokens=8192, group_size=8)])
-    temperature: float = 0.6
-    top_p: float = 1.0
-    top_k: int = -1
+    stages: list[Stage] = field(default_factory=lambda: [Stage(1040, 8192, 8)])  # run in order [len(x) >= 1]
+    temperature: float = 0.6         # rollout sampling temperature; the update's log-probs use it too [x > 0]
+    top_p: float = 1.0               # nucleus sampling mass (1 = off) [0 < x <= 1]
+    top_k: int = -1                  # sample among the k likeliest tokens (-1 = off) [x == -1 or x >= 1]
     require_think: bool = True       # grade only what follows </think>
     # update
-    mini_batches: int = 2
-    token_budget: int = 32768        # tokens per micro-batch (per GPU)
-    lr: float = 1e-6
-    warmup_steps: int = 0            # linear warm-up from lr/warmup (never 0: DeepScaleR's step 0 ran at lr 0)
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    clip_eps: float = 0.2
-    kl_coef: float = 0.001           # k3 estimator; 0 skips the reference model entirely
-    entropy_coef: float = 0.001
-    loss_agg: str = "token-mean"     # see grpo.LOSS_AGGS; "deepscaler" is DeepScaleR's exact gradient
-    deepscaler_micro_tokens: int = 32768  # verl's ppo_max_token_len_per_gpu, for loss_agg="deepscaler" only
-    objective: str = "grpo"          # "grpo" (per-token PPO clip), "gspo" (per-sequence ratio), "cispo"
-    # the rollout/trainer gap, against the engine's sampled log-probs (needs top_p = 1, no top_k):
-    tis_c: float | None = None       # truncated IS: pg loss weighted by min(pi_old / pi_rollout, C) (2.0)
-    mis_c: float | None = None       # masked IS: drop tokens (or answers) with the ratio outside [1/C, C]
-    mis_level: str = "token"         # "token" or "sequence" (length-normalised ratio of the whole answer)
+    mini_batches: int = 2            # optimizer steps per training step, each on a share of the step's groups [x >= 1]
+    token_budget: int = 32768        # tokens per micro-batch (per GPU) [x >= 1]
+    lr: float = 1e-6                 # AdamW learning rate [x >= 0]
+    warmup_steps: int = 0            # linear warm-up from lr/warmup (never 0: DeepScaleR's step 0 ran at lr 0) [x >= 0]
+    weight_decay: float = 0.01       # AdamW decoupled weight decay [x >= 0]
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates [all(0 <= b < 1 for b in x)]
+    grad_clip: float = 1.0           # the global gradient norm is clipped to this [x > 0]
+    clip_eps: float = 0.2            # PPO ratio clip: the ratio is kept within 1 +- clip_eps [x > 0]
+    kl_coef: float = 0.001           # k3 estimator; 0 skips the reference model entirely [x >= 0]
+    entropy_coef: float = 0.001      # weight of the entropy bonus (0 = none)
+    loss_agg: str = "token-mean"     # how token losses are weighted (grpo.LOSS_AGGS; README "The loss"); "deepscaler" is DeepScaleR's exact gradient
+    deepscaler_micro_tokens: int = 32768  # verl's ppo_max_token_len_per_gpu, for loss_agg="deepscaler" only [x >= 1]
+    objective: str = "grpo"          # "grpo" (per-token PPO clip), "gspo" (per-sequence ratio), "cispo" [x in grpo.OBJECTIVES]
+    # the rollout/trainer gap, against the engine's sampled log-probs (needs top_p = 1, no top_k)
+    tis_c: float | None = None       # truncated IS: pg loss weighted by min(pi_old / pi_rollout, C), e.g. 2.0 [x > 1]
+    mis_c: float | None = None       # masked IS: drop tokens (or answers) with the ratio outside [1/C, C] [x > 1]
+    mis_level: str = "token"         # masked IS per "token" or per "sequence" (length-normalised ratio of the answer) [x in ("token", "sequence")]
     # the newer variants people ask for (all off in DeepScaleR's recipe)
-    clip_eps_high: float | None = None  # DAPO clip-higher (0.28)
-    dual_clip_c: float | None = None
+    clip_eps_high: float | None = None  # DAPO clip-higher (0.28) [x > 0]
+    dual_clip_c: float | None = None    # dual-clip bound on negative-advantage losses [x > 1]
     dynamic_sampling: bool = False   # DAPO: drop all-equal groups, refill from the next prompts
-    max_sampling_rounds: int = 4
+    max_sampling_rounds: int = 4     # dynamic sampling: most rollout rounds per step [x >= 1]
     overlong_filter: bool = False    # DAPO: truncated answers get no loss (default: graded like any other)
     dr_grpo: bool = False            # Dr. GRPO: no std scaling, token sums over the generation budget
     shuffle_advantages: bool = False  # control experiment: advantages permuted across samples
     # engine
-    engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU
-    engine_memory: float | None = None  # KV-cache bytes (None: the engine decides)
-    engine_max_num_seqs: int = 256
-    trainer_reserve_gb: float = 16.0  # GPU memory kept free of the KV pool for the update's activations
+    engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU [x == "auto" or x in M.DTYPES]
+    engine_memory: float | None = None  # KV-cache bytes (None: the engine decides) [x > 0]
+    engine_max_num_seqs: int = 256   # most sequences the engine decodes at once [x >= 1]
+    trainer_reserve_gb: float = 16.0  # GPU memory kept free of the KV pool for the update's activations [x >= 0]
     # system
-    device: str = "auto"
-    compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32
-    gradient_checkpointing: bool = True
+    device: str = "auto"             # auto (CUDA if present), cpu, cuda [x == "auto" or x.startswith(("cpu", "cuda"))]
+    compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32 [x in M.DTYPES]
+    gradient_checkpointing: bool = True  # recompute each layer in backward (less activation memory)
     fsdp: bool = True                # under torchrun: shard with FSDP2 (False: replicate, all-reduce gradients)
-    seed: int = 0
-    threads: int = 0                 # torch CPU threads (0: torch's default)
+    seed: int = 0                    # data order, sampling and initial RNG state
+    threads: int = 0                 # torch CPU threads (0: torch's default) [x >= 0]
     # bookkeeping
-    max_steps: int = 0               # stop early (0 = run every stage); the schedule does not depend on it
-    log_interval: int = 1
+    max_steps: int = 0               # stop early (0 = run every stage); the schedule does not depend on it [x >= 0]
+    log_interval: int = 1            # console line every this many steps (metrics.jsonl gets every step) [x >= 1]
     tensorboard: bool = False        # also send each metrics row to TensorBoard, in out_dir/tb (loggers.py)
     wandb: bool = False              # also send each metrics row to W&B (WANDB_MODE=offline needs no network)
-    ckpt_interval: int = 20
-    keep_last: int = 3
-    export_hf: bool = True
-    eval_interval: int = 0           # 0 = no periodic validation
-    val_n: int = 8
-    val_max_tokens: int = 0          # 0 = the stage's max_response_tokens
-    max_bad_steps: int = 3           # consecutive non-finite updates before the run stops
-    grader_workers: int | None = None
-    grader_timeout: float = 10.0
-    resume: bool = False
-    stop_at_step: int = 0            # testing: exit right after this step, no checkpoint (a simulated kill)
+    ckpt_interval: int = 20          # checkpoint every this many steps, and at the end [x >= 1]
+    keep_last: int = 3               # complete checkpoints kept (older ones are deleted) [x >= 1]
+    export_hf: bool = True           # with each checkpoint, an HF-layout export of the policy in out_dir/hf
+    eval_interval: int = 0           # validate every this many steps (0 = no periodic validation) [x >= 0]
+    val_n: int = 8                   # validation samples per problem [x >= 1]
+    val_max_tokens: int = 0          # validation answer length (0 = the stage's max_response_tokens) [x >= 0]
+    max_bad_steps: int = 3           # consecutive non-finite updates before the run stops [x >= 1]
+    grader_workers: int | None = None  # grading worker processes (None: up to 8, one per core) [x >= 1]
+    grader_timeout: float = 10.0     # seconds per answer before the grader gives up on it [x > 0]
+    resume: bool = False             # continue out_dir's run from its newest complete checkpoint (none yet: start)
+    overwrite: bool = False          # delete out_dir's earlier run (metrics.jsonl/.png, ckpt/, hf/) and start afresh
+    stop_at_step: int = 0            # testing: exit after this many steps, no checkpoint (a simulated kill) [x >= 0]
 
     def total_steps(self):
         return sum(s.steps for s in self.stages)
@@ -142,14 +152,17 @@ class TrainConfig:
         return sum(s.steps for s in self.stages[:index])
 
 def load_config(argv):
-    """config files (Python that edits `config`) and --key=value overrides, in order; see configurator.py."""
-    cfg = configure(TrainConfig(), argv, Stage=Stage, TrainConfig=TrainConfig)
-    cfg.stages = [s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (tuple, list)) else Stage(**s)
-                  for s in cfg.stages]
-    cfg.betas = tuple(cfg.betas)
+    """Config files (Python that edits `config`) and --key=value overrides, in order; every field is then
+    checked against its type and range (configurator.py), before anything loads."""
+    return check_config(configure(TrainConfig(), argv, Stage=Stage, TrainConfig=TrainConfig))
+
+def check_config(cfg):
+    """The field table's checks (again, for configs built in code) and the rules that join two fields."""
+    if check_fields(cfg).prompts_per_step % cfg.mini_batches:
+        raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must split into {cfg.mini_batches} mini-batches")
     check_objective(cfg)
-    if cfg.prompts_per_step % cfg.mini_batches:
-        raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must split into {cfg.mini_batches} mini-batches")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues out_dir's run and --overwrite deletes it: choose one")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -454,25 +467,10 @@ class Accumulator:
 # -----------------------------------------------------------------------------
 # The loop, its log (metrics.jsonl; the plot is plot.py) and its console line
 
-def truncate_log(path, step):
-    """A fresh run starts an empty log; a resumed one rewrites what the killed run logged after its checkpoint."""
-    rows = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            rows = [line.rstrip("\n") + "\n" for line in f if -1 < logged_step(line) < step]
-    with open(path + ".tmp", "w") as f:  # the old log stays whole until the new one is
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-def logged_step(line):
-    try:
-        return json.loads(line).get("step", -1)
-    except (json.JSONDecodeError, AttributeError):  # a line the kill cut short
-        return -1
-
 def console_line(row, total, elapsed, steps_done):
+    """One step's line. Steps are 0-based, as in metrics.jsonl: the last of 500 is step 499/499."""
     eta = elapsed / max(steps_done, 1) * (total - row["step"] - 1)
-    return (f"step {row['step'] + 1}/{total} | reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} | "
+    return (f"step {row['step']}/{total - 1} | reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} | "
             f"len {row['response_len_mean']:.0f}/{row['response_len_max']} trunc {row['truncated_frac']:.2f} | "
             f"kl {row.get('kl', 0):.4f} ent {row.get('entropy', 0):.3f} clip {row.get('clip_frac', 0):.3f} | "
             f"dlogp {row.get('logp_diff_mean', 0):.1e} | {row['time_step']:.2f}s "
@@ -561,20 +559,19 @@ def run(cfg, ctx, grader):
     if cfg.prompts_per_step % ctx.world_size:
         raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must divide across {ctx.world_size} ranks: "
                          "each rank rolls out whole groups of its own prompts")
+    candidates = C.prepare_out_dir(cfg, ctx, say)  # before anything loads: never mixes or destroys runs
     tok, model, ref, engine = build(cfg, ctx)
     items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data)
     say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
         f"{cfg.max_prompt_tokens} tokens, {counts['no_answer']} without a usable answer, "
         f"{counts['no_problem']} without a problem) | model {model.num_params() / 1e6:.2f}M params | world {ctx.world_size}")
     opt = make_optimizer(model, cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     step, pos, bad = 0, 0, 0
-    if cfg.resume and ckpt_dirs(cfg.out_dir):
-        path = ckpt_dirs(cfg.out_dir)[-1]
-        state = load_checkpoint(path, ctx, model, opt, ref)
+    if candidates:
+        path, state = C.resume(cfg, ctx, candidates, model, opt, ref, say)
         step, pos, bad = state["step"], state["data_pos"], state["bad_steps"]
-        say(f"resumed from {path}: step {step}, data position {pos}")
+        say(f"resumed from {path}: steps 0-{step - 1} done, continuing at step {step} (data position {pos})")
     if master:
         truncate_log(metrics_path, step)
     mirrors = Mirrors(cfg, enabled=master)  # TensorBoard / W&B copies of metrics.jsonl, when asked for
@@ -656,9 +653,11 @@ def run(cfg, ctx, grader):
             tc = time.time()
             save_checkpoint(cfg, ctx, model, opt, ref, {"step": step, "stage": si, "data_pos": data.pos,
                                                         "bad_steps": bad})
-            say(f"checkpoint {cfg.out_dir}/ckpt/step_{step:06d} ({time.time() - tc:.1f}s)")
+            say(f"checkpoint {cfg.out_dir}/ckpt/step_{step:06d} after step {step - 1} ({time.time() - tc:.1f}s)")
     pool.shutdown()
     mirrors.close()
+    if candidates and step == first and cfg.export_hf:  # resumed at the end: a kill may have cut the last export
+        C.export(cfg, ctx, model)
     if master and rows:
         from plot import plot
         plot(cfg.out_dir)
@@ -666,6 +665,7 @@ def run(cfg, ctx, grader):
 
 def train(cfg):
     from reward import Grader
+    check_config(cfg)  # a config built in code gets the command line's checks
     # the grader's worker processes are forked before any CUDA/NCCL state exists
     if cfg.threads:  # before the demo's warm-start too
         torch.set_num_threads(cfg.threads)
@@ -688,6 +688,8 @@ def train(cfg):
             D.teardown()
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:  # the docstring up to "Each step:", then every field
+        return print(help_text(TrainConfig, __doc__.split("Each step:")[0].strip()), end="")
     plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
     if not plot_dirs:
         return train(load_config(argv))
