@@ -93,7 +93,7 @@ class TrainConfig:
     clip_eps: float = 0.2            # PPO ratio clip: the ratio is kept within 1 +- clip_eps [x > 0]
     kl_coef: float = 0.001           # k3 estimator; 0 skips the reference model entirely [x >= 0]
     entropy_coef: float = 0.001      # weight of the entropy bonus (0 = none)
-    loss_agg: str = "token-mean"     # how token losses are weighted (grpo.LOSS_AGGS; README "The loss"); "deepscaler" is DeepScaleR's exact gradient
+    loss_agg: str = "token-mean"     # how token losses are weighted (grpo.LOSS_AGGS; README "The loss"); "deepscaler" is DeepScaleR's exact gradient [x in grpo.LOSS_AGGS or x in grpo.RENAMED_AGGS]
     deepscaler_micro_tokens: int = 32768  # verl's ppo_max_token_len_per_gpu, for loss_agg="deepscaler" only [x >= 1]
     objective: str = "grpo"          # "grpo" (per-token PPO clip), "gspo" (per-sequence ratio), "cispo" [x in grpo.OBJECTIVES]
     # the rollout/trainer gap, against the engine's sampled log-probs (needs top_p = 1, no top_k)

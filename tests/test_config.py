@@ -135,7 +135,7 @@ def test_stage_entries_are_checked_field_by_field(tmp_path):
     refused(["--stages=[(3, 16, 0)]"], "stages[0].group_size = 0", "x >= 1")
     refused(["--stages=[(3, 16, 4), (2, 'long')]"], "stages[1].max_response_tokens = 'long'", "an integer")
     refused(["--stages=[{'steps': 2, 'groupsize': 4}]"], "unknown Stage field 'groupsize'", "'group_size'")
-    refused(["--stages=[(1, 2, 3, 4)]"], "Stage has 3 fields")
+    refused(["--stages=[(1, 2, 3, 4, 5)]"], "Stage has 4 fields")
     refused(["--stages=[{'group_size': 4}]"], "Stage needs steps")
     f = config_file(tmp_path, "config.stages = [Stage(3, 16, 4), (2, 32, 8), {'steps': 1}]\n")
     assert T.load_config([f]).stages == [T.Stage(3, 16, 4), T.Stage(2, 32, 8), T.Stage(1)]
