@@ -199,13 +199,16 @@ def host_overhead(args):
         for B in batches:
             lens = [max(1, ctx - i % 16) for i in range(B)]
             prompts = [torch.randint(2, 64, (n,), generator=g).tolist() for n in lens]
-            engine = Engine(model, num_blocks=B * -(-(ctx + gen) // 16) + 1, max_num_seqs=max(B, 1),
+            # room for every row at once beyond the admission headroom (a block per running row + 1%)
+            blocks = B * (-(-(ctx + gen) // 16) + 1)
+            engine = Engine(model, num_blocks=blocks + blocks // 50 + 16, max_num_seqs=B,
                             max_model_len=ctx + gen + 16, ignore_eos=True)
             kw = dict(temperature=1.0, top_p=1.0, seed=0)
             runs = []
             for _ in range(args.runs):
                 engine.generate(prompts, max_new_tokens=gen, **kw)
                 st = engine.stats
+                assert st["max_running"] == B and st["decode_steps"] == gen - 1, st  # all B rows in every step
                 runs.append(1e3 * st["decode_time"] / st["decode_steps"])
             short, long_ = (count_ops(lambda n=n: engine.generate(prompts, max_new_tokens=n, **kw)) for n in (9, 25))
             ops = (long_ - short) / 16
