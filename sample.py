@@ -12,6 +12,14 @@ applies the checkpoint's chat template, prints the completions and reports token
 generate() builds an Engine (engine.py: paged KV pool, prefix sharing, continuous batching, preemption)
 once and keeps it on the model, rebuilding it only when the engine arguments change. A training loop
 that owns a separate inference copy calls engine.update_weights(policy) before each engine.generate.
+Requests that join and leave a running batch (a server) use the engine's step-level interface:
+
+    from sample import Engine, SamplingParams
+    engine.add_request("id-1", prompt_ids, SamplingParams(max_tokens=256, temperature=0.6, n=4, seed=7))
+    while engine.has_unfinished():
+        for out in engine.step():   # StepOutput: request_id, sample_index, new_token_ids, new_logprobs, ...
+            ...
+    engine.abort("id-1")            # a client went away: its blocks are freed at once
 """
 import argparse
 import os
@@ -19,7 +27,7 @@ import time
 
 import torch
 
-from engine import Completion, Engine  # noqa: F401  (re-exported: `from sample import Engine, Completion`)
+from engine import Completion, Engine, SamplingParams, StepOutput  # noqa: F401  (re-exported for callers)
 
 ENGINE_ATTR = "_rollout_engine"  # where generate() keeps its engine on the model
 
