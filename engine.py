@@ -497,7 +497,7 @@ class Engine:
             if self.pending is not None:
                 self._flush()
             else:
-                self.scheduler.preempt(self.scheduler.running[-1])
+                self.scheduler.preempt(self.scheduler.youngest())
 
     def _on_preempt(self, seq):
         assert self.pending is None, "preempting with unread tokens"
@@ -506,10 +506,24 @@ class Engine:
         self.stats["preemptions"] += 1
 
     def _read(self, pending):
+        """A decode step's tokens: _append for every row, inlined (it runs B times per step)."""
         tokens, logprobs, top = pending.read()
+        touched, n = self._touched if self._track else None, 0
         for seq, t, lp, tp in zip(pending.seqs, tokens, logprobs, top):
-            if seq.finish_reason is None:  # else it stopped (or was aborted) before this token: discard it
-                self._append(seq, t, lp, tp)
+            if seq.finish_reason is not None:  # it stopped (or was aborted) before this token: discard it
+                continue
+            seq.tokens.append(t)
+            seq.logprobs.append(lp)
+            n += 1
+            if seq.top_logprobs is not None:
+                seq.top_logprobs.append(tp[:seq.request.params.logprobs])
+            if t in seq.request.stop_ids:
+                self._finish(seq, "stop")
+            elif len(seq.tokens) >= seq.limit:
+                self._finish(seq, "length")
+            elif touched is not None:
+                touched[seq] = None
+        self.stats["tokens_generated"] += n
 
     def _append(self, seq, token, logprob, top):
         seq.tokens.append(token)

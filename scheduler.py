@@ -86,15 +86,16 @@ class BlockManager:
 
 class Scheduler:
     """waiting: sequences not holding blocks (new leaders, preempted sequences), served first come first
-    served with preempted ones in front; running: sequences holding blocks, in admission order (the last
-    one is the youngest, the first to be preempted); prefilling: the running ones whose tokens are not all
-    cached yet. The scheduler only decides and books blocks; the engine tells it when a sequence leaves."""
+    served with preempted ones in front; running: sequences holding blocks, each with its age (admission
+    order; a leader's followers share its age), so a finished one leaves in O(1) and the youngest is the
+    first to be preempted; prefilling: the running ones whose tokens are not all cached yet. The scheduler
+    only decides and books blocks; the engine tells it when a sequence leaves."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs, max_prefill_tokens, on_preempt):
         self.blocks, self.max_num_seqs, self.max_prefill_tokens = blocks, max_num_seqs, max_prefill_tokens
         self.on_preempt = on_preempt  # engine callback: a sequence is about to lose its blocks
-        self.waiting, self.running, self.prefilling = deque(), [], []
-        self.num_preemptions = 0
+        self.waiting, self.running, self.prefilling = deque(), {}, []
+        self.num_preemptions, self.admitted = 0, 0
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -104,7 +105,7 @@ class Scheduler:
         if seq.num_cached == 0 and not seq.blocks and seq in self.waiting:  # aborted while waiting
             self.waiting.remove(seq)
             return
-        self.running.remove(seq)
+        del self.running[seq]
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         self.blocks.release(seq.blocks + seq.spare)
@@ -147,7 +148,8 @@ class Scheduler:
         occupied = self.occupied()
         while self.waiting and budget > 0 and self._can_admit(self.waiting[0], occupied):
             seq = self.waiting.popleft()
-            self.running.append(seq)
+            self.admitted += 1
+            self.running[seq] = (self.admitted, seq.sample_index)
             self.prefilling.append(seq)
             occupied += seq.fork
             take = min(len(seq.tokens), budget)
@@ -167,7 +169,7 @@ class Scheduler:
         spare = seq.fork - 1 if completes and seq.fork > 1 and seq.prompt_len % bs else 0
         while len(seq.blocks) < self.blocks.blocks_for(num_tokens) or len(seq.spare) < spare:
             if self.blocks.num_free == 0:
-                victim = self.running[-1]
+                victim = self.youngest()
                 self.preempt(victim)
                 if victim is seq:
                     return False
@@ -208,6 +210,10 @@ class Scheduler:
             followers.append(f)
         self.blocks.release(leader.spare)  # spares of samples aborted before the fork
         leader.spare, leader.group = [], leader.group[:1]
-        at = self.running.index(leader) + 1
-        self.running[at:at] = followers
+        age = self.running[leader][0]
+        for f in followers:
+            self.running[f] = (age, f.sample_index)
         return followers, copies
+
+    def youngest(self):
+        return max(self.running, key=self.running.__getitem__)  # O(running), only when preempting

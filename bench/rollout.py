@@ -272,9 +272,7 @@ def main():
     bw = measure_bandwidth(device, dtype)
     wbytes = weight_bytes_per_step(model)
     max_len = max(contexts) + gen
-    probe = Engine(model, num_blocks=1, max_num_seqs=1, max_model_len=16)
-    kv_token = probe.kv_bytes_per_block() / probe.block_size
-    del probe
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize  # K and V
     hf = None
     if not args.no_hf:
         try:
