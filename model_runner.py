@@ -73,16 +73,18 @@ class PackedBuffers:
     next step's edits) and from there to the device in one non-blocking copy. On the CPU the image is the
     host buffer itself. The last field (the block table) is uploaded only for the rows in use."""
 
-    def __init__(self, fields, rows, device):
+    def __init__(self, fields, rows, device, mirror=None):
+        """mirror: keep a separate device image (default: on CUDA; tests force it on the CPU)."""
         offsets, end = {}, 0
         for name, dtype, shape in fields:
             nbytes = rows * math.prod(shape) * dtype.itemsize
             offsets[name] = end
             end = -(-(end + nbytes) // 64) * 64  # aligned for every dtype's view
         self.host = torch.zeros(end, dtype=torch.uint8)
-        self.cuda = device.type == "cuda"
-        self.image = torch.zeros(end, dtype=torch.uint8, device=device) if self.cuda else self.host
-        self.staging = [torch.empty(end, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self.mirror = device.type == "cuda" if mirror is None else mirror
+        self.image = torch.zeros(end, dtype=torch.uint8, device=device) if self.mirror else self.host
+        pin = device.type == "cuda"
+        self.staging = [torch.empty(end, dtype=torch.uint8, pin_memory=pin) for _ in range(2)] if self.mirror else []
         self.np, self.dev, self.turn = {}, {}, 0
         for name, dtype, shape in fields:
             nbytes = rows * math.prod(shape) * dtype.itemsize
@@ -93,7 +95,7 @@ class PackedBuffers:
         self.last_offset, self.last_row_bytes = offsets[name], math.prod(shape) * dtype.itemsize
 
     def upload(self, rows):
-        if not self.cuda:
+        if not self.mirror:
             return
         n = self.last_offset + rows * self.last_row_bytes
         buf = self.staging[self.turn]
@@ -149,11 +151,11 @@ class ModelRunner:
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         S, i64, dev = max_num_seqs, torch.int64, self.device
         self.max_num_seqs, self.buckets = S, bucket_sizes(S)
-        self.state = PackedBuffers([
+        self.fields = [
             ("src", i64, ()), ("token", i64, ()), ("positions", i64, ()), ("stop_ids", i64, (MAX_STOP_IDS,)),
             ("seed", i64, ()), ("prompt_idx", i64, ()), ("sample_idx", i64, ()), ("top_k", i64, ()),
             ("temperature", torch.float32, ()), ("top_p", torch.float32, ()),
-            ("block_tables", torch.int32, (self.max_blocks_per_seq,))], S, dev)
+            ("block_tables", torch.int32, (self.max_blocks_per_seq,))]  # last: uploaded only for the rows in use
         # host-only per-row facts: blocks in the table, total tokens at which the row stops for length,
         # top-N log-probs wanted
         self.num_blocks_of, self.limit, self.top_n = (np.zeros(S, dtype=np.int64) for _ in range(3))
@@ -167,8 +169,7 @@ class ModelRunner:
         self.out = [(torch.empty(S, dtype=i64, pin_memory=True), torch.empty(S, dtype=torch.float32, pin_memory=True))
                     for _ in range(2)] if cuda else [(None, None)] * 2
         self.out_turn = 0
-        for r in range(S):
-            self._pad_row(r)
+        self.state = self.new_state()
         self.sampler, self.kernel_fallback, self.graphs, self.graph_pool_bytes = sample_torch, None, None, 0
         if cuda_graphs and not cuda:
             raise ValueError(f"Engine: cuda_graphs=True needs a CUDA device, the model is on {self.device}")
@@ -183,6 +184,14 @@ class ModelRunner:
             self.capture_graphs()
 
     # ------------------------------------------------------------------ the persistent batch
+
+    def new_state(self, mirror=None):
+        """Fresh packed buffers, every row a pad row (the batch must be empty)."""
+        assert not self.rows, "new_state with rows in the batch"
+        self.state = PackedBuffers(self.fields, self.max_num_seqs, self.device, mirror)
+        for r in range(self.max_num_seqs):
+            self._pad_row(r)
+        return self.state
 
     def _pad_row(self, r):
         f = self.state.np

@@ -310,6 +310,23 @@ def test_cuda_graphs_need_cuda(tiny):
 
 # --------------------------------------------------------------------------- the host path
 
+def test_packed_upload_carries_every_edit(tiny):
+    """The CUDA layout on the CPU: the device image is a separate buffer refreshed only by the one packed
+    copy per step (through alternating staging buffers, the table for the rows in use only). Every host
+    edit must reach it: the tokens equal the default (shared-buffer) CPU layout's, with preemption,
+    forks and rows swapped out as samples finish."""
+    prompts = prompts_of([5, 17, 33, 8], seed=28)
+    kw = dict(max_new_tokens=15, temperature=1.0, top_p=0.9, n=3, seed=6, stop_token_ids=[3, 4, 5])
+    ref = Engine(tiny, block_size=4, num_blocks=22, max_num_seqs=8, max_model_len=64, overlap=True)
+    want = ref.generate(prompts, **kw)
+    eng = Engine(tiny, block_size=4, num_blocks=22, max_num_seqs=8, max_model_len=64, overlap=True)
+    state = eng.runner.new_state(mirror=True)
+    assert state.image.data_ptr() != state.host.data_ptr() and len(state.staging) == 2
+    got = eng.generate(prompts, **kw)
+    assert eng.stats["preemptions"] > 0 and state.turn in (0, 1)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
 def test_host_work_per_decode_step_is_flat(tiny):
     """The decode step's tensor work does not grow with the batch or the context (no per-row tensors,
     no block-table rebuild): aten operators per decode step, counted with the stand-in model of
