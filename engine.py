@@ -302,6 +302,7 @@ class Engine:
         self.requests[request_id] = req
         self.stats["requests"] += 1
 
+    @torch.no_grad()
     def step(self):
         """One scheduler step. Returns a StepOutput for every sample that got new tokens or finished since
         the last call (tokens may arrive a step late on CUDA, never twice, never lost)."""

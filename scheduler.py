@@ -21,6 +21,8 @@ Life of a request (one prompt, n samples):
 import math
 from collections import deque
 
+import numpy as np
+
 
 class Sequence:
     """One sample being generated. tokens = prompt + the generated tokens read so far; the first num_cached
@@ -54,12 +56,14 @@ class Sequence:
 
 
 class BlockManager:
-    """Free list + reference counts over block ids 0..num_blocks-1 (the scratch block is not in it)."""
+    """Free list + reference counts over block ids 0..num_blocks-1 (the scratch block is not in it).
+    The counts are a numpy array so that a finished 8K-token sequence returns its 512 blocks in a few
+    vectorised operations, not 512 Python ones (a sequence never holds a block twice)."""
 
     def __init__(self, num_blocks, block_size):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free = deque(range(num_blocks))
-        self.ref = [0] * num_blocks
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
 
     def blocks_for(self, num_tokens):
         return math.ceil(num_tokens / self.block_size)
@@ -70,14 +74,13 @@ class BlockManager:
         return b
 
     def share(self, blocks):
-        for b in blocks:
-            self.ref[b] += 1
+        self.ref[blocks] += 1
 
     def release(self, blocks):
-        for b in blocks:
+        if blocks:
+            b = np.asarray(blocks)
             self.ref[b] -= 1
-            if self.ref[b] == 0:
-                self.free.append(b)
+            self.free.extend(b[self.ref[b] == 0].tolist())
 
     @property
     def num_free(self):
