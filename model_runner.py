@@ -306,6 +306,7 @@ class ModelRunner:
         values, ids = torch.log_softmax(logits.float() / t[:, None], dim=-1).topk(n, dim=-1)
         return ids, values
 
+    @torch.no_grad()
     def capture_graphs(self):
         """Every decode bucket captured now, largest first, into one memory pool. All rows are pad rows at
         this point, so the warm-up runs write only to the scratch block."""
