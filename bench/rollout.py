@@ -20,8 +20,8 @@ contract and returns zeros (64-entry vocabulary), the real sampler, one thread. 
 about `context` tokens (staggered by up to 15 so rows cross block boundaries on different steps), `gen`
 new tokens; host ms per decode step = engine.stats decode_time / decode_steps, the median of --runs calls;
 CPU ms per decode step: the same from the thread's CPU time (time.thread_time; steadier under load);
-ops per decode step = aten operators dispatched per decode step (load-independent), from two calls of
-different lengths.
+aten ops, Python function calls and torch.tensor() constructions (host lists turned into tensors) per
+decode step: load-independent counts, from two calls of different lengths (the difference / 16 steps).
 """
 import argparse
 import os
@@ -182,6 +182,17 @@ def count_ops(fn):
     return Count.n
 
 
+def count_calls(fn):
+    """Python function calls (and torch.tensor constructions from host data) while fn() runs."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    stats = pstats.Stats(prof)
+    tensors = sum(v[1] for f, v in stats.stats.items() if f[2] == "<built-in method torch.tensor>")
+    return stats.total_calls, tensors
+
+
 def host_overhead(args):
     """The engine's host time per decode step with a stand-in model; prints a table."""
     torch.set_num_threads(1)
@@ -193,8 +204,9 @@ def host_overhead(args):
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\nhost overhead: stand-in model (zeros, vocab 64), CPU 1 thread, commit {commit}, "
           f"{time.strftime('%Y-%m-%d')}, gen {gen}, median of {args.runs} runs, load {os.getloadavg()[0]:.2f}")
-    print("| batch | context | host ms per decode step | CPU ms per decode step | runs (ms) | ops per decode step |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | context | host ms per decode step | CPU ms per decode step | runs (ms) | aten ops per step "
+          "| Python calls per step | torch.tensor() per step |")
+    print("|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for ctx in contexts:
         for B in batches:
@@ -223,9 +235,11 @@ def host_overhead(args):
             engine._decode_step = decode_step
             short, long_ = (count_ops(lambda n=n: engine.generate(prompts, max_new_tokens=n, **kw)) for n in (9, 25))
             ops = (long_ - short) / 16
+            short, long_ = (count_calls(lambda n=n: engine.generate(prompts, max_new_tokens=n, **kw)) for n in (9, 25))
+            calls, tensors = ((b - a) / 16 for a, b in zip(short, long_))
             med, cpu_med = sorted(runs)[len(runs) // 2], sorted(cpu_runs)[len(runs) // 2]
-            print(f"| {B} | {ctx} | {med:.2f} | {cpu_med:.2f} | {', '.join(f'{r:.2f}' for r in runs)} | {ops:.0f} |",
-                  flush=True)
+            print(f"| {B} | {ctx} | {med:.2f} | {cpu_med:.2f} | {', '.join(f'{r:.2f}' for r in runs)} | {ops:.0f} "
+                  f"| {calls:.0f} | {tensors:.0f} |", flush=True)
             del engine
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

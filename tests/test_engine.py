@@ -335,7 +335,7 @@ def test_host_work_per_decode_step_is_flat(tiny):
     model = NullModel()
 
     def ops_per_step(B, ctx):
-        eng = Engine(model, num_blocks=B * (ctx // 16 + 4) + 16, max_num_seqs=B, ignore_eos=True)
+        eng = Engine(model, num_blocks=B * (ctx // 16 + 4) + 16, max_num_seqs=64, ignore_eos=True)
         prompts = [[2 + (i + j) % 60 for j in range(ctx - i % 16)] for i in range(B)]
         short, long_ = (count_ops(lambda n=n: eng.generate(prompts, max_new_tokens=n, temperature=1.0)) for n in (4, 20))
         return (long_ - short) / 16
