@@ -2,8 +2,8 @@
 The rollout engine: requests in, tokens out. sample.py is the front door (generate(), the CLI); this file
 is the engine's public face and its step loop. Three parts do the work, nano-vllm style:
 
-    scheduler.py     sequences, the block manager (pool, refcounts, prompt sharing), the scheduler
-                     (waiting/running, admission, chunked prefill, preemption by recompute)
+    scheduler.py     sequences, the block manager (pool, refcounts, prompt sharing, prefix cache), the
+                     scheduler (waiting/running, admission, chunked prefill, preemption by recompute)
     model_runner.py  the KV pool, the persistent decode batch, model + sampler, CUDA graphs
     engine.py        requests and their parameters, the step loop, outputs and stats
 
@@ -89,9 +89,9 @@ class Request:
 
 
 def new_stats():
-    return dict(preemptions=0, prefix_blocks_shared=0, tokens_generated=0, prefill_tokens=0, prefill_steps=0,
-                decode_steps=0, max_running=0, requests=0, max_distinct_requests=0, time=0.0, prefill_time=0.0,
-                decode_time=0.0)
+    return dict(preemptions=0, prefix_blocks_shared=0, prefix_cache_hits=0, tokens_generated=0, prefill_tokens=0,
+                prefill_steps=0, decode_steps=0, max_running=0, requests=0, max_distinct_requests=0, time=0.0,
+                prefill_time=0.0, decode_time=0.0)
 
 
 class Engine:
@@ -105,13 +105,15 @@ class Engine:
     cuda_graphs: None = on with the kernels on CUDA (NANOSCALER_CUDA_GRAPHS=0 turns them off), False = eager.
     allow_kernel_fallback: a failed kernel self-check is an error unless True; then the PyTorch twins run and
     kernel_fallback says why. overlap: read sampled tokens one step behind (default: on CUDA).
+    prefix_caching: a request starts on the cached K/V blocks of the longest prefix it shares with earlier
+    ones (scheduler.py); dropped by update_weights and at every generate() call.
     stats: cumulative counters (generate() starts them afresh, so after it they are that call's), among
     them max_distinct_requests, the most requests with a sample in one decode step."""
 
     def __init__(self, model: M.Qwen2, *, block_size=16, num_blocks=None, memory_budget=None,
                  gpu_memory_fraction=0.9, max_num_seqs=256, max_model_len=None, max_prefill_tokens=None,
                  vocab_limit=None, eos_token_ids=None, ignore_eos=False, cuda_graphs=None,
-                 allow_kernel_fallback=False, overlap=None):
+                 allow_kernel_fallback=False, overlap=None, prefix_caching=True):
         cfg = model.config
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -132,6 +134,7 @@ class Engine:
             raise ValueError(f"Engine: KV pool of {self.num_blocks} blocks; raise num_blocks or memory_budget")
         self.max_model_len = max_model_len or min(cfg.max_position_embeddings, self.num_blocks * block_size)
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
+        self.prefix_caching = prefix_caching
         # start-up order: the pool (sized above, after the trainer sized itself), then the graphs
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=self.num_blocks,
                                   max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
@@ -146,7 +149,8 @@ class Engine:
     def _reset(self):
         """Empty pool, queues and batch (also after an exception inside generate())."""
         self.pool = BlockManager(self.num_blocks, self.block_size)
-        self.scheduler = Scheduler(self.pool, self.max_num_seqs, self.max_prefill_tokens, self._on_preempt)
+        self.scheduler = Scheduler(self.pool, self.max_num_seqs, self.max_prefill_tokens, self._on_preempt,
+                                   self.prefix_caching)
         for seq in list(self.runner.rows):
             self.runner.remove_row(seq)
         self.requests, self.pending, self.num_finished = {}, None, 0
@@ -218,6 +222,7 @@ class Engine:
                 raise ValueError(f"update_weights: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             if t.data_ptr() != p.data_ptr():
                 p.copy_(t)
+        self.pool.clear_cache()  # cached K/V belong to the old weights
 
     def reset_stats(self):
         self.stats = new_stats()
@@ -371,6 +376,7 @@ class Engine:
             checked.append(self._check_prompt(prompt, f"generate: prompts[{i}]"))
             self._check_fits(checked[-1], max_new_tokens, f"generate: prompts[{i}]")
         self.reset_stats()
+        self.pool.clear_cache()  # a trainer may have copied new weights into the model in place since
         t0, call = time.perf_counter(), next(self._ids)
         bar = None
         if progress:
@@ -412,7 +418,9 @@ class Engine:
         if sch.wants_prefill() or (not self.runner.rows and self.pending is None):
             self._flush()  # prefill syncs anyway; and a preemption must not act on unread tokens
             t = time.perf_counter()
+            hits = sch.cache_hit_blocks
             batch = sch.schedule_prefill()
+            self.stats["prefix_cache_hits"] += sch.cache_hit_blocks - hits
             if batch:
                 self._prefill(batch)
                 self._account(t, "prefill_time")
@@ -442,6 +450,7 @@ class Engine:
         done, rows = [], []
         for i, (seq, take) in enumerate(batch):
             seq.num_cached += take
+            self.scheduler.computed(seq, seq.num_cached - take)
             if seq.num_cached == len(seq.tokens):  # complete: sample from the last position
                 self.scheduler.done_prefilling(seq)
                 done.append(seq)

@@ -17,9 +17,17 @@ Life of a request (one prompt, n samples):
   4. When a decode step needs a block and none is free, the youngest running sequence is preempted: its
      blocks are released and it waits again, to recompute prompt + generated tokens later (in chunks,
      into fresh blocks). Its tokens do not change: the sampler is keyed by position.
+
+Prefix caching: a block filled by prefill is registered under a key of its exact contents and position
+(a hash chain over the tokens up to its end). A released block stays in the pool's free list with its
+contents until it is reallocated, so a later sequence whose tokens start the same way (another request
+with the same system prompt, a preempted sequence coming back) takes those blocks instead of computing
+them again. Only full blocks are shared and never written again; the cache is dropped when the weights
+change (Engine.update_weights, and every generate() call, since a trainer may copy weights in place).
 """
+import hashlib
 import math
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -29,7 +37,7 @@ class Sequence:
     of them have their K/V in the pool. A leader not yet forked stands for every sample index in `group`
     (its own is group[0]). row: its row in the model runner's decode batch, -1 when it has none."""
     __slots__ = ("request", "sample_index", "group", "tokens", "prompt_len", "limit", "logprobs", "top_logprobs",
-                 "blocks", "spare", "num_cached", "num_preemptions", "finish_reason", "row", "num_reported")
+                 "blocks", "spare", "num_cached", "num_preemptions", "finish_reason", "row", "num_reported", "keys")
 
     def __init__(self, request, group, tokens, limit):
         self.request, self.group, self.sample_index = request, list(group), group[0]
@@ -40,6 +48,7 @@ class Sequence:
         self.blocks, self.spare = [], []  # spare: blocks reserved for the followers' partial-block copies
         self.num_cached = self.num_preemptions = self.num_reported = 0
         self.finish_reason, self.row = None, -1
+        self.keys = []  # content keys of its full blocks, while it is prefilled (prefix caching)
 
     @property
     def fork(self):
@@ -55,21 +64,38 @@ class Sequence:
         return self.num_generated == 0 or self.num_cached < len(self.tokens) - 1
 
 
+def block_keys(tokens, block_size):
+    """Content keys of the full blocks of `tokens`: each hashes the previous key and its own tokens, so
+    equal keys mean equal tokens at equal positions from the start (a cryptographic hash: a collision
+    would hand one request another's K/V)."""
+    keys, prev = [], b""
+    for i in range(len(tokens) // block_size):
+        chunk = np.asarray(tokens[i * block_size:(i + 1) * block_size], dtype=np.int64).tobytes()
+        prev = hashlib.blake2b(prev + chunk, digest_size=16).digest()
+        keys.append(prev)
+    return keys
+
+
 class BlockManager:
-    """Free list + reference counts over block ids 0..num_blocks-1 (the scratch block is not in it).
-    The counts are a numpy array so that a finished 8K-token sequence returns its 512 blocks in a few
-    vectorised operations, not 512 Python ones (a sequence never holds a block twice)."""
+    """Free list + reference counts over block ids 0..num_blocks-1 (the scratch block is not in it), and
+    the prefix cache. The counts are a numpy array so that a finished 8K-token sequence returns its 512
+    blocks in a few vectorised operations, not 512 Python ones (a sequence never holds a block twice).
+    The free list is ordered, least recently freed first: reallocation evicts the oldest cached contents."""
 
     def __init__(self, num_blocks, block_size):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free = deque(range(num_blocks))
+        self.free = OrderedDict.fromkeys(range(num_blocks))
         self.ref = np.zeros(num_blocks, dtype=np.int32)
+        self.cached, self.key_of = {}, {}  # content key -> block holding it, and back
 
     def blocks_for(self, num_tokens):
         return math.ceil(num_tokens / self.block_size)
 
     def alloc(self):
-        b = self.free.popleft()
+        b, _ = self.free.popitem(last=False)
+        key = self.key_of.pop(b, None)
+        if key is not None:  # its contents are about to be overwritten
+            del self.cached[key]
         self.ref[b] = 1
         return b
 
@@ -80,7 +106,29 @@ class BlockManager:
         if blocks:
             b = np.asarray(blocks)
             self.ref[b] -= 1
-            self.free.extend(b[self.ref[b] == 0].tolist())
+            self.free.update(dict.fromkeys(b[self.ref[b] == 0].tolist()))
+
+    def register(self, block, key):
+        """block now holds the K/V that `key` describes."""
+        if key not in self.cached and block not in self.key_of:
+            self.cached[key], self.key_of[block] = block, key
+
+    def take_cached(self, keys):
+        """The blocks holding the longest cached prefix of these keys, each with one more reference."""
+        hit = []
+        for key in keys:
+            b = self.cached.get(key)
+            if b is None:
+                break
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+            hit.append(b)
+        return hit
+
+    def clear_cache(self):
+        self.cached.clear()
+        self.key_of.clear()
 
     @property
     def num_free(self):
@@ -94,11 +142,12 @@ class Scheduler:
     first to be preempted; prefilling: the running ones whose tokens are not all cached yet. The scheduler
     only decides and books blocks; the engine tells it when a sequence leaves."""
 
-    def __init__(self, blocks: BlockManager, max_num_seqs, max_prefill_tokens, on_preempt):
+    def __init__(self, blocks: BlockManager, max_num_seqs, max_prefill_tokens, on_preempt, prefix_caching=True):
         self.blocks, self.max_num_seqs, self.max_prefill_tokens = blocks, max_num_seqs, max_prefill_tokens
         self.on_preempt = on_preempt  # engine callback: a sequence is about to lose its blocks
+        self.prefix_caching = prefix_caching
         self.waiting, self.running, self.prefilling = deque(), {}, []
-        self.num_preemptions, self.admitted = 0, 0
+        self.num_preemptions, self.admitted, self.cache_hit_blocks = 0, 0, 0
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -155,13 +204,34 @@ class Scheduler:
             self.running[seq] = (self.admitted, seq.sample_index)
             self.prefilling.append(seq)
             occupied += seq.fork
-            take = min(len(seq.tokens), budget)
-            self.grow(seq, take)
+            if self.prefix_caching:
+                self._reuse_cached(seq)
+            take = min(len(seq.tokens) - seq.num_cached, budget)
+            self.grow(seq, seq.num_cached + take)
             batch.append((seq, take))
             budget -= take
         if not batch and self.waiting and not self.running:
             raise RuntimeError("engine: cannot admit any sequence (KV pool too small for one request)")
         return batch
+
+    def _reuse_cached(self, seq):
+        """Start seq on the cached blocks of its longest cached prefix (always leaving its last token to
+        compute: its logits are needed)."""
+        bs = self.blocks.block_size
+        seq.keys = block_keys(seq.tokens, bs)
+        usable = (len(seq.tokens) - 1) // bs
+        seq.blocks = self.blocks.take_cached(seq.keys[:usable])
+        seq.num_cached = len(seq.blocks) * bs
+        self.cache_hit_blocks += len(seq.blocks)
+
+    def computed(self, seq, before):
+        """seq's K/V now cover its first seq.num_cached tokens (before: the count before this step):
+        register the blocks this step filled."""
+        bs = self.blocks.block_size
+        for i in range(before // bs, min(seq.num_cached // bs, len(seq.keys))):
+            self.blocks.register(seq.blocks[i], seq.keys[i])
+        if seq.num_cached == len(seq.tokens):
+            seq.keys = []
 
     def grow(self, seq, num_tokens):
         """Make room for num_tokens tokens in seq (and, when that completes a leader's prompt, for its

@@ -70,23 +70,29 @@ def test_steps_stream_exactly_what_generate_returns(tiny, overlap):
         eng.generate(prompts, **kw)
 
 
-def test_overlap_changes_no_token_under_preemption(tiny):
+def test_overlap_and_prefix_cache_change_no_token_under_preemption(tiny):
     """Reading tokens one step behind (`overlap`) under preemption (which first reads every outstanding
-    token), chunked prefill, prefix sharing and EOS: the same tokens and log-probs as reading at once."""
+    token), chunked prefill, prefix sharing and EOS, with and without the prefix cache (a preempted
+    sequence coming back starts on its cached prompt blocks): the same tokens and log-probs as the plain
+    engine, and the cache saves recomputation."""
     prompts = prompts_of([5, 17, 33, 8], seed=22)
     kw = dict(max_new_tokens=15, temperature=1.0, top_k=20, n=3, seed=5, stop_token_ids=[3, 4, 5, 6])
     runs = []
-    for overlap in (False, True):
+    for overlap, caching in ((False, False), (True, False), (False, True), (True, True)):
         eng = Engine(tiny, block_size=4, num_blocks=22, max_num_seqs=8, max_model_len=64, max_prefill_tokens=8,
-                     overlap=overlap)
+                     overlap=overlap, prefix_caching=caching)
         runs.append((eng.generate(prompts, **kw), dict(eng.stats)))
-    (ref, st0), (got, st1) = runs
-    assert st0["preemptions"] > 0 and st1["preemptions"] > 0 and st1["prefix_blocks_shared"] > 0
+    ref, st0 = runs[0]
+    assert st0["preemptions"] > 0 and st0["prefix_blocks_shared"] > 0 and st0["prefix_cache_hits"] == 0
     assert sum(c.finish_reason == "stop" for c in ref) >= 3
-    assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in ref]
-    torch.testing.assert_close(torch.tensor(sum((c.logprobs for c in got), [])),
-                               torch.tensor(sum((c.logprobs for c in ref), [])), rtol=0, atol=1e-5)
-    assert st1["tokens_generated"] == st0["tokens_generated"] == sum(len(c.token_ids) for c in ref)
+    for got, st in runs[1:]:
+        assert st["preemptions"] > 0
+        assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in ref]
+        torch.testing.assert_close(torch.tensor(sum((c.logprobs for c in got), [])),
+                                   torch.tensor(sum((c.logprobs for c in ref), [])), rtol=0, atol=1e-5)
+        assert st["tokens_generated"] == st0["tokens_generated"] == sum(len(c.token_ids) for c in ref)
+    cached = runs[2][1]
+    assert cached["prefix_cache_hits"] > 0 and cached["prefill_tokens"] < st0["prefill_tokens"]
 
 
 def test_discarded_steps_write_only_to_scratch(tiny):
@@ -251,6 +257,46 @@ def run_steps_outputs(eng):
     while eng.has_unfinished():
         outs += eng.step()
     return outs
+
+
+# --------------------------------------------------------------------------- prefix caching
+
+def test_prefix_cache_across_requests(tiny):
+    """Requests that share a 20-token system prompt (5 blocks of 4): a later one, or one arriving while
+    the first still runs, starts on the cached blocks (prefill only computes the rest) and draws exactly
+    what an engine without the cache draws. A prompt cached whole still computes its last block (its
+    logits are needed). New weights drop the cache."""
+    system = prompts_of([20], seed=29)[0]
+    a, b, c = system + [9, 10, 11], system + [12, 13], system[:8]
+    p = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    ref = Engine(tiny, block_size=4, num_blocks=80, prefix_caching=False)
+    for rid, prompt in (("a", a), ("b", b), ("c", c), ("c2", c)):
+        ref.add_request(rid, prompt, p)
+    want = run_steps(ref)
+    assert ref.stats["prefix_cache_hits"] == 0
+    eng = Engine(tiny, block_size=4, num_blocks=80)
+    eng.add_request("a", a, p)
+    first = eng.step()  # a is prefilled (its 5 full blocks registered) and decodes...
+    assert [(o.request_id, len(o.new_token_ids)) for o in first] == [("a", 1)]
+    eng.add_request("b", b, p)  # ...while b arrives: 5 blocks in use by a, shared
+    got = run_steps(eng)
+    got[("a", 0)]["tokens"][:0] = first[0].new_token_ids
+    got[("a", 0)]["logprobs"][:0] = first[0].new_logprobs
+    assert eng.stats["prefix_cache_hits"] == 5 and eng.stats["prefill_tokens"] == len(a) + len(b) - 20
+    eng.add_request("c", c, p)  # 8 tokens = 2 full blocks, both cached (a and b have finished): reuse 1
+    eng.add_request("c2", c, p)
+    got.update(run_steps(eng))
+    assert eng.stats["prefix_cache_hits"] == 5 + 1 + 1
+    for key, g in want.items():
+        assert got[key]["tokens"] == g["tokens"], key
+        torch.testing.assert_close(torch.tensor(got[key]["logprobs"]), torch.tensor(g["logprobs"]), rtol=0, atol=1e-5)
+    assert eng.pool.num_free == eng.num_blocks and not any(eng.pool.ref)
+    eng.update_weights(random_model(tiny_config(), seed=30))
+    eng.add_request("d", a, p)
+    run_steps(eng)
+    assert eng.stats["prefix_cache_hits"] == 7  # nothing reused across a weight update
+    eng.generate([a], max_new_tokens=3)  # nor across generate() calls (weights may change in place)
+    assert eng.stats["prefix_cache_hits"] == 0
 
 
 # --------------------------------------------------------------------------- bad input
