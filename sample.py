@@ -36,7 +36,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
              stop_token_ids=(), progress=False, **engine_kwargs):
     """Completions for len(prompts) * n samples, prompt-major. engine_kwargs (block_size, num_blocks,
     memory_budget, max_num_seqs, max_model_len, max_prefill_tokens, vocab_limit, eos_token_ids,
-    ignore_eos) configure the cached engine; a change rebuilds it (and its KV pool)."""
+    ignore_eos, cuda_graphs, allow_kernel_fallback, overlap, prefix_caching) configure the cached engine;
+    a change rebuilds it (and its KV pool)."""
     key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in engine_kwargs.items()))
     cached = model.__dict__.get(ENGINE_ATTR)
     device = next(model.parameters()).device
