@@ -307,7 +307,8 @@ def main():
             prompts = torch.randint(0, cfg.vocab_size, (B, ctx), generator=g).tolist()
             limit = B / ((wbytes + B * (ctx + gen / 2) * kv_token) / bw)
             try:  # a pool sized for this cell, freed before transformers runs (both need the memory)
-                engine = Engine(model, num_blocks=B * -(-(ctx + gen) // 16) + 1, max_num_seqs=B,
+                blocks = B * (-(-(ctx + gen) // 16) + 1)  # + the admission headroom: all B rows run at once
+                engine = Engine(model, num_blocks=blocks + blocks // 50 + 16, max_num_seqs=B,
                                 max_model_len=max_len, ignore_eos=True)
                 dec, e2e, pre = bench_engine(engine, prompts, gen, device)
             except torch.OutOfMemoryError:
