@@ -1,9 +1,10 @@
 """The engine's step-level interface (add_request / step / abort), its per-request parameters, the
 host path that reads tokens one step behind (`overlap`, the CUDA default, forced here on the CPU), and
-its start-up switches (kernel fallback, CUDA graphs). Tiny random models; the whole file takes ~40 s on
-the 2-core dev box. The CUDA-only tests at the end run on a GPU (bench/gpu.sh)."""
+its start-up switches (kernel fallback, CUDA graphs). Tiny random models; the whole file takes ~20-25 s on
+the (loaded) 2-core dev box. The CUDA-only tests at the end run on a GPU (bench/gpu.sh):
+`python -m pytest -q tests/test_engine.py -k cuda`."""
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -13,7 +14,16 @@ from engine import Engine, SamplingParams, StepOutput
 from fixtures import random_model, tiny_config
 from test_sample import full_logits, one_thread, prompts_of  # noqa: F401  (one_thread: autouse fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+
+def bench_rollout():
+    """bench/rollout.py as a module, without putting bench/ on sys.path (its model.py / eval.py / kernels.py
+    would shadow the project's)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rollout.py")
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -377,7 +387,8 @@ def test_host_work_per_decode_step_is_flat(tiny):
     """The decode step's tensor work does not grow with the batch or the context (no per-row tensors,
     no block-table rebuild): aten operators per decode step, counted with the stand-in model of
     bench/rollout.py --host, are the same at batch 1 x context 20 and batch 24 x context 300."""
-    from rollout import NullModel, count_ops
+    rollout = bench_rollout()
+    NullModel, count_ops = rollout.NullModel, rollout.count_ops
     model = NullModel()
 
     def ops_per_step(B, ctx):
