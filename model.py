@@ -246,7 +246,7 @@ def varlen_attention_torch(q, k, v, meta: Varlen, scale):
     return out
 
 
-# The paged twins live beside their Triton kernels (kernels/), which kernels.use_triton() swaps in here.
+# The paged twins live beside their Triton kernels (kernels/), which use_triton() below swaps in.
 from kernels.kv_write import write_kv_cache_torch  # noqa: E402
 from kernels.prefill_attention import paged_attention_torch  # noqa: E402
 
@@ -255,8 +255,28 @@ def use_flash_attn(x):
     return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
-# Engines may swap these for Triton kernels (kernels/) behind the same signatures.
+# Engines may swap these for Triton kernels (kernels/) behind the same signatures: use_triton().
 ATTENTION = {"varlen": varlen_attention_torch, "paged": paged_attention_torch, "write_kv": write_kv_cache_torch}
+
+
+def use_triton(enable=True):
+    """Swap ATTENTION's paged entries for the Triton kernels (enable=False restores the twins). Returns the
+    previous registry so a caller can restore it. The registry is module-level: this affects every model
+    in the process (training's Varlen path does not use these entries). Needs CUDA, or TRITON_INTERPRET=1
+    set before the kernels were first imported."""
+    from kernels import paged_attention
+    from kernels.kv_write import write_kv_cache
+    previous = dict(ATTENTION)
+    if enable:
+        ATTENTION.update(paged=paged_attention, write_kv=write_kv_cache)
+    else:
+        ATTENTION.update(paged=paged_attention_torch, write_kv=write_kv_cache_torch)
+    return previous
+
+
+def triton_enabled():
+    from kernels import paged_attention
+    return ATTENTION["paged"] is paged_attention
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,14 @@ reports tokens/s. From code:
 generate() builds an Engine (engine.py: paged KV pool, prefix sharing, continuous batching, preemption)
 once and keeps it on the model, rebuilding it only when the engine arguments change. A training loop
 that owns a separate inference copy calls engine.update_weights(policy) before each engine.generate.
+Requests that join and leave a running batch (a server) use the engine's step-level interface:
+
+    from sample import Engine, SamplingParams
+    engine.add_request("id-1", prompt_ids, SamplingParams(max_tokens=256, temperature=0.6, n=4, seed=7))
+    while engine.has_unfinished():
+        for out in engine.step():   # StepOutput: request_id, sample_index, new_token_ids, new_logprobs, ...
+            ...
+    engine.abort("id-1")            # a client went away: its blocks are freed at once
 """
 import argparse
 import os
@@ -21,7 +29,7 @@ import time
 
 import torch
 
-from engine import Completion, Engine  # noqa: F401  (re-exported: `from sample import Engine, Completion`)
+from engine import Completion, Engine, SamplingParams, StepOutput  # noqa: F401  (re-exported for callers)
 
 ENGINE_ATTR = "_rollout_engine"  # where generate() keeps its engine on the model
 
@@ -30,7 +38,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
              stop_token_ids=(), progress=False, **engine_kwargs):
     """Completions for len(prompts) * n samples, prompt-major. engine_kwargs (block_size, num_blocks,
     memory_budget, max_num_seqs, max_model_len, max_prefill_tokens, vocab_limit, eos_token_ids,
-    ignore_eos) configure the cached engine; a change rebuilds it (and its KV pool)."""
+    ignore_eos, cuda_graphs, allow_kernel_fallback, overlap, prefix_caching) configure the cached engine;
+    a change rebuilds it (and its KV pool)."""
     key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in engine_kwargs.items()))
     cached = model.__dict__.get(ENGINE_ATTR)
     device = next(model.parameters()).device

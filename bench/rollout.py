@@ -5,6 +5,7 @@ transformers' generate on the same device and beside the memory-bandwidth limit.
     python bench/rollout.py                      # CPU, a tiny shape, a reduced grid
     python bench/rollout.py --full               # the real 1.5B shape (GPU): batch 1/64/256 x context 1K/8K
     python bench/rollout.py --batches 1,64 --contexts 1024 --gen 64 --no-hf
+    python bench/rollout.py --host               # the engine's own host time per decode step (stand-in model)
 
 Each cell: B prompts of `context` random tokens, one sample each, `gen` new tokens.
   decode tok/s  engine: B * (gen - 1) / time in decode steps (engine.stats; the first token comes from prefill)
@@ -13,6 +14,14 @@ Each cell: B prompts of `context` random tokens, one sample each, `gen` new toke
   limit tok/s   = B / ((weight bytes + KV bytes read per step) / measured bandwidth), KV at the mean
                   context of the decode (context + gen / 2); the ceiling a decode step cannot beat.
 transformers: the same weights in Qwen2ForCausalLM, greedy, min_new_tokens = max_new_tokens = gen.
+
+--host times only the engine's bookkeeping: a stand-in model (NullModel) that obeys model.py's forward
+contract and returns zeros (64-entry vocabulary), the real sampler, one thread. Each cell: B prompts of
+about `context` tokens (staggered by up to 15 so rows cross block boundaries on different steps), `gen`
+new tokens; host ms per decode step = engine.stats decode_time / decode_steps, the median of --runs calls;
+CPU ms per decode step: the same from the thread's CPU time (time.thread_time; steadier under load);
+aten ops, Python function calls and torch.tensor() constructions (host lists turned into tensors) per
+decode step: load-independent counts, from two calls of different lengths (the difference / 16 steps).
 """
 import argparse
 import os
@@ -139,6 +148,102 @@ def stress(model, device, args):
     print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in st.values()) + " |")
 
 
+class NullModel(torch.nn.Module):
+    """model.py's forward contract with the device work removed: hidden states and logits are zeros. What
+    is left of a decode step is the engine's own host work (and the sampler over a 64-entry vocabulary)."""
+
+    def __init__(self, vocab=64, hidden=8):
+        super().__init__()
+        self.config = M.Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                               num_attention_heads=1, num_key_value_heads=1, head_dim=hidden,
+                               max_position_embeddings=1 << 20, torch_dtype="float32", bos_token_id=0, eos_token_id=1)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(vocab, hidden)
+
+    def forward(self, input_ids, positions=None, meta=None, kv_cache=None):
+        return torch.zeros(input_ids.shape[0], self.config.hidden_size)
+
+    def logits(self, hidden):
+        return torch.zeros(hidden.shape[0], self.config.vocab_size)
+
+
+def count_ops(fn):
+    """aten operators dispatched while fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
+def count_calls(fn):
+    """Python function calls (and torch.tensor constructions from host data) while fn() runs."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    stats = pstats.Stats(prof)
+    tensors = sum(v[1] for f, v in stats.stats.items() if f[2] == "<built-in method torch.tensor>")
+    return stats.total_calls, tensors
+
+
+def host_overhead(args):
+    """The engine's host time per decode step with a stand-in model; prints a table."""
+    torch.set_num_threads(1)
+    batches = [int(x) for x in (args.batches or "1,64,256").split(",")]
+    contexts = [int(x) for x in (args.contexts or "1024,8192").split(",")]
+    gen = args.gen or 64
+    model = NullModel()
+    commit = os.environ.get("NANOSCALER_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\nhost overhead: stand-in model (zeros, vocab 64), CPU 1 thread, commit {commit}, "
+          f"{time.strftime('%Y-%m-%d')}, gen {gen}, median of {args.runs} runs, load {os.getloadavg()[0]:.2f}")
+    print("| batch | context | host ms per decode step | CPU ms per decode step | runs (ms) | aten ops per step "
+          "| Python calls per step | torch.tensor() per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for ctx in contexts:
+        for B in batches:
+            lens = [max(1, ctx - i % 16) for i in range(B)]
+            prompts = [torch.randint(2, 64, (n,), generator=g).tolist() for n in lens]
+            # room for every row at once beyond the admission headroom (a block per running row + 1%)
+            blocks = B * (-(-(ctx + gen) // 16) + 1)
+            engine = Engine(model, num_blocks=blocks + blocks // 50 + 16, max_num_seqs=B,
+                            max_model_len=ctx + gen + 16, ignore_eos=True)
+            kw = dict(temperature=1.0, top_p=1.0, seed=0)
+            cpu, decode_step = [0.0], engine._decode_step
+
+            def timed_decode_step():  # this thread's CPU time: far less disturbed by a loaded machine than wall time
+                t = time.thread_time()
+                decode_step()
+                cpu[0] += time.thread_time() - t
+            engine._decode_step = timed_decode_step
+            runs, cpu_runs = [], []
+            for _ in range(args.runs):
+                cpu[0] = 0.0
+                engine.generate(prompts, max_new_tokens=gen, **kw)
+                st = engine.stats
+                assert st["max_running"] == B and st["decode_steps"] == gen - 1, st  # all B rows in every step
+                runs.append(1e3 * st["decode_time"] / st["decode_steps"])
+                cpu_runs.append(1e3 * cpu[0] / st["decode_steps"])
+            engine._decode_step = decode_step
+            short, long_ = (count_ops(lambda n=n: engine.generate(prompts, max_new_tokens=n, **kw)) for n in (9, 25))
+            ops = (long_ - short) / 16
+            short, long_ = (count_calls(lambda n=n: engine.generate(prompts, max_new_tokens=n, **kw)) for n in (9, 25))
+            calls, tensors = ((b - a) / 16 for a, b in zip(short, long_))
+            med, cpu_med = sorted(runs)[len(runs) // 2], sorted(cpu_runs)[len(runs) // 2]
+            print(f"| {B} | {ctx} | {med:.2f} | {cpu_med:.2f} | {', '.join(f'{r:.2f}' for r in runs)} | {ops:.0f} "
+                  f"| {calls:.0f} | {tensors:.0f} |", flush=True)
+            del engine
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def fmt(x):
     return x if isinstance(x, str) else f"{x:,.0f}"
 
@@ -157,7 +262,11 @@ def main():
                     help="instead of the grid: one GRPO-shaped call with EOS live and a small pool")
     ap.add_argument("--stress-blocks", type=int, default=512)
     ap.add_argument("--stress-eos", type=int, default=4, help="ids 2..2+k-1 act as EOS (random weights)")
+    ap.add_argument("--host", action="store_true", help="instead of the grid: the engine's host ms per decode step")
+    ap.add_argument("--runs", type=int, default=5, help="--host: calls per cell (the median is reported)")
     args = ap.parse_args()
+    if args.host:
+        return host_overhead(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.threads:
@@ -177,9 +286,7 @@ def main():
     bw = measure_bandwidth(device, dtype)
     wbytes = weight_bytes_per_step(model)
     max_len = max(contexts) + gen
-    probe = Engine(model, num_blocks=1, max_num_seqs=1, max_model_len=16)
-    kv_token = probe.kv_bytes_per_block() / probe.block_size
-    del probe
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize  # K and V
     hf = None
     if not args.no_hf:
         try:
@@ -200,7 +307,8 @@ def main():
             prompts = torch.randint(0, cfg.vocab_size, (B, ctx), generator=g).tolist()
             limit = B / ((wbytes + B * (ctx + gen / 2) * kv_token) / bw)
             try:  # a pool sized for this cell, freed before transformers runs (both need the memory)
-                engine = Engine(model, num_blocks=B * -(-(ctx + gen) // 16) + 1, max_num_seqs=B,
+                blocks = B * (-(-(ctx + gen) // 16) + 1)  # + the admission headroom: all B rows run at once
+                engine = Engine(model, num_blocks=blocks + blocks // 50 + 16, max_num_seqs=B,
                                 max_model_len=max_len, ignore_eos=True)
                 dec, e2e, pre = bench_engine(engine, prompts, gen, device)
             except torch.OutOfMemoryError:

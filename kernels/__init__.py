@@ -10,8 +10,10 @@ Triton kernels for the rollout engine, one per file, each beside its plain-PyTor
     _triton.py             triton, or stand-ins where it is not installed (the twins work everywhere)
 
 model.py's attention registry (model.ATTENTION) holds the twins by default (the CPU path);
-use_triton() swaps the Triton kernels in behind the same calls. Imports are lazy so that importing
-`kernels.sampling` (the engine does) costs nothing more.
+model.use_triton() swaps the Triton kernels in behind the same calls, and the engine's model runner
+(model_runner.py) decides when, after self_check() below. This package is a leaf: it imports nothing of
+the project's but its own modules. Imports are lazy so that importing `kernels.sampling` (the engine
+does) costs nothing more.
 """
 
 
@@ -23,54 +25,6 @@ def paged_attention(q, k_cache, v_cache, meta, positions, scale):
         return decode_attention(q, k_cache, v_cache, meta, positions, scale)
     from kernels.prefill_attention import prefill_attention
     return prefill_attention(q, k_cache, v_cache, meta, positions, scale)
-
-
-def use_triton(enable=True):
-    """Swap model.ATTENTION's paged entries for the Triton kernels (enable=False restores the twins).
-    Returns the previous registry so a caller can restore it. The registry is module-level: this affects
-    every model in the process (training's Varlen path does not use these entries). Needs CUDA, or TRITON_INTERPRET=1 set
-    before the kernels were first imported."""
-    import model as M
-    from kernels.kv_write import write_kv_cache, write_kv_cache_torch
-    from kernels.prefill_attention import paged_attention_torch
-    previous = dict(M.ATTENTION)
-    if enable:
-        M.ATTENTION.update(paged=paged_attention, write_kv=write_kv_cache)
-    else:
-        M.ATTENTION.update(paged=paged_attention_torch, write_kv=write_kv_cache_torch)
-    return previous
-
-
-def triton_enabled():
-    import model as M
-    return M.ATTENTION["paged"] is paged_attention
-
-
-def enabled_for(device):
-    """Whether an engine on `device` should use the kernels and CUDA graphs: on CUDA unless the
-    environment says NANOSCALER_KERNELS=0 (the escape hatch back to the PyTorch twins)."""
-    import os
-    return device.type == "cuda" and os.environ.get("NANOSCALER_KERNELS", "1") != "0"
-
-
-def setup_engine(engine):
-    """The engine's hook (engine.py calls it on CUDA): Triton attention in the registry, the fused
-    sampler, and decode steps captured once per batch-size bucket with the block table at full width
-    (the kernels read only up to each context length). Returns (sampler, graphs). The kernels are
-    first checked against their twins at the engine's shapes; any failure (a compile error on this
-    GPU or Triton version, a mismatch) is reported and the engine keeps the twins, without graphs."""
-    import warnings
-    from kernels.cuda_graphs import DecodeGraphs
-    from kernels.sampling import sample, sample_torch
-    cfg = engine.cfg
-    try:
-        self_check(engine.device, engine.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                   engine.block_size)
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
-        warnings.warn(f"kernels: self-check failed, the engine uses the PyTorch twins: {e!r}")
-        return sample_torch, None
-    use_triton()
-    return sample, DecodeGraphs(lambda bs: engine._run_decode(bs, engine.max_blocks_per_seq))
 
 
 def self_check(device, dtype, q_heads, kv_heads, head_dim, block_size, vocab=1000):

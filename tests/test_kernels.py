@@ -9,7 +9,8 @@ import torch
 
 import model as M
 from fixtures import random_model, tiny_config
-from kernels import paged_attention, triton_enabled, use_triton
+from kernels import paged_attention
+from model import triton_enabled, use_triton
 from kernels.decode_attention import decode_attention, decode_attention_torch
 from kernels.kv_write import write_kv_cache, write_kv_cache_torch
 from kernels.prefill_attention import paged_attention_torch, prefill_attention
@@ -442,24 +443,24 @@ def test_engine_cuda_graphs_greedy_unchanged(monkeypatch):
 
 
 def test_self_check_and_engine_fallback(monkeypatch):
-    """The engine's safety net: the kernels pass their self-check at a real-model-like shape, and a
-    failing check leaves the engine on the twins (no graphs) with a warning instead of an error."""
+    """The kernels pass their self-check at a real-model-like shape; a failing check is an error for the
+    engine unless the fallback to the twins is allowed, and then it is reported (tests/test_engine.py
+    checks the same through Engine)."""
     import kernels
+    from model_runner import install_kernels
     kernels.self_check(DEV, torch.float32, q_heads=12, kv_heads=2, head_dim=16, block_size=4, vocab=300)
     kernels.self_check(DEV, torch.bfloat16, q_heads=12, kv_heads=2, head_dim=128, block_size=16, vocab=300)
-
-    class FakeEngine:  # just what setup_engine reads
-        cfg = tiny_config()
-        device, dtype, block_size, max_blocks_per_seq = DEV, torch.float32, 4, 8
 
     def broken(*a, **kw):
         raise RuntimeError("no compiler for this GPU")
     monkeypatch.setattr(kernels, "self_check", broken)
     previous = dict(M.ATTENTION)
+    with pytest.raises(RuntimeError, match="self-check failed.*allow_kernel_fallback"):
+        install_kernels(DEV, torch.float32, tiny_config(), 4)
     with pytest.warns(UserWarning, match="self-check failed"):
-        sampler, graphs = kernels.setup_engine(FakeEngine())
+        sampler, reason = install_kernels(DEV, torch.float32, tiny_config(), 4, allow_fallback=True)
     from kernels.sampling import sample_torch
-    assert sampler is sample_torch and graphs is None and M.ATTENTION == previous
+    assert sampler is sample_torch and "no compiler" in reason and M.ATTENTION == previous
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -471,8 +472,8 @@ def test_cuda_graphs_refuse_cpu():
 
 
 def kernels_enabled_on_cpu():
-    import kernels
-    return kernels.enabled_for(torch.device("cpu"))
+    from model_runner import kernels_wanted
+    return kernels_wanted(torch.device("cpu"))
 
 
 def test_twins_work_without_triton():
