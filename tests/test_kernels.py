@@ -2,6 +2,7 @@
 interpreter (conftest sets TRITON_INTERPRET=1), so sizes are tiny; on a GPU the same tests run on the
 device. Shapes are odd on purpose: non-power-of-two head dims and block sizes, context lengths at and
 around block boundaries, sequences with empty and full last blocks, GQA groups of 1, 2 and 6."""
+import math
 import random
 
 import pytest
@@ -462,7 +463,69 @@ def test_self_check_and_engine_fallback(monkeypatch):
     assert sampler is sample_torch and graphs is None and M.ATTENTION == previous
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def twin_with(change):
+    """A stand-in for the fused sampler: the twin's draws, then change(logits, tokens, logprobs)."""
+    from kernels.sampling import sample_torch
+
+    def sampler(logits, *rows, **kw):
+        tokens, logprobs = sample_torch(logits, *rows, **kw)
+        change(logits, tokens, logprobs)
+        return tokens, logprobs
+    return sampler
+
+
+def test_self_check_sampler_tolerates_near_ties_only():
+    """The sampler check at the real vocabulary (twin stand-ins, no kernel: ~2 s): the twin itself
+    passes; the other token of the built near-tie row passes (a GPU's approximate exp may break that tie
+    the other way); a different token on an ordinary row, a different greedy token, or a log-prob off by
+    0.01 fail."""
+    from kernels.sampling import check_against_twin, sample_torch
+    V = 151_936
+
+    def other_of_tie(logits, tokens, logprobs):
+        tied = (logits[5] == 8).nonzero()[:, 0].tolist()
+        assert len(tied) == 2 and int(tokens[5]) in tied
+        tokens[5] = tied[0] if int(tokens[5]) == tied[1] else tied[1]
+
+    check_against_twin(DEV, torch.bfloat16, V, sampler=sample_torch)
+    check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(other_of_tie))
+    with pytest.raises(RuntimeError, match=r"rows \[0\] are not near-ties"):
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: t.__setitem__(0, t[0] + 1)))
+    with pytest.raises(RuntimeError, match=r"rows \[1\] are not near-ties"):  # row 1 is greedy
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: t.__setitem__(1, t[1] + 1)))
+    with pytest.raises(RuntimeError, match="log-probs differ"):
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: lp.add_(0.01)))
+
+
+def test_acceptable_draws_margins():
+    """The rule itself on built rows: a race decided by less than RACE_EPS accepts either token, by more
+    only the winner; greedy ties go to the first id, exactly; a top-p cut within MASS_EPS of a token
+    accepts that token kept or dropped, a cut farther away does not."""
+    from kernels.sampling import RACE_EPS, acceptable_draws, row_key, uniform
+    V = 64
+    rows = dict(top_p=torch.ones(4), top_k=torch.zeros(4, dtype=torch.int64), seed=torch.full((4,), 5),
+                prompt_idx=torch.arange(4), sample_idx=torch.zeros(4, dtype=torch.int64), position=torch.zeros(4, dtype=torch.int64))
+    noise = -torch.log(-torch.log(uniform(row_key(rows["seed"], rows["prompt_idx"], rows["sample_idx"],
+                                                  rows["position"]), torch.arange(V)).double()))
+    logits = torch.full((4, V), -50.0, dtype=torch.float64)
+    for r, gap in enumerate((0.1 * RACE_EPS, 10 * RACE_EPS)):  # id 3 beats id 9 by `gap` in race score
+        logits[r, 3], logits[r, 9] = 4 - noise[r, 3] + gap, 4 - noise[r, 9]
+    logits[2:, [3, 9]] = 4.0  # rows 2-3: greedy, an exact tie
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    ok = lambda tokens: acceptable_draws(torch.tensor(tokens), logits, t, **rows).tolist()
+    assert ok([3, 3, 3, 3]) == [True, True, True, True]
+    assert ok([9, 9, 9, 9]) == [True, False, False, False]
+    # top-p: per row, id a of mass 0.6 and id b of 0.4 (the rest ~0), b the id with the highest race noise,
+    # a the lowest: b wins whenever it is kept. b's mass before is 0.6: kept by top_p 0.6 + 1e-6 (but
+    # within MASS_EPS: dropping it is accepted too), kept by 0.7, dropped by 0.5
+    a, b = noise.argmin(-1), noise.argmax(-1)
+    logits = torch.full((4, V), -50.0, dtype=torch.float64)
+    logits[range(4), a], logits[range(4), b] = math.log(0.6), math.log(0.4)
+    rows["top_p"] = torch.tensor([0.6 + 1e-6, 0.6 + 1e-6, 0.7, 0.5])
+    t = torch.ones(4)
+    assert ok([b[0], a[1], a[2], b[3]]) == [True, True, False, False]
+    assert ok([b[0], b[1], b[2], a[3]]) == [True, True, True, True]  # the twin's own draws
+
 def test_cuda_graphs_refuse_cpu():
     from kernels.cuda_graphs import DecodeGraphs
     with pytest.raises(RuntimeError, match="CUDA"):
