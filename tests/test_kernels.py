@@ -121,6 +121,20 @@ def test_decode_long_context_split_and_missing_query():
     close(decode_attention_torch(q[[0, 2]], kc, vc, meta2, pos[[0, 2]], 0.25), want[[0, 2]], torch.float32)
 
 
+@pytest.mark.parametrize("splits", [20, 64])
+def test_decode_merge_over_many_splits(splits):
+    """More splits than the merge kernel reads at once (16): a 300-token context in 16-key tiles keeps
+    splits 0-18 busy (so the second group of 16 holds real partials) and the rest empty; a 5-token
+    sequence beside it leaves nearly every split empty. 64 is the GPU's most (batch 1-2)."""
+    bs, Hkv, D, G = 16, 1, 16, 6
+    ctx = [300, 5]
+    meta, pos = paged_batch([c - 1 for c in ctx], [1, 1], bs, num_blocks=24, seed=11)
+    kc, vc = caches(24, bs, Hkv, D, torch.float32, seed=12)
+    q = torch.randn(2, G, D, device=DEV)
+    want = paged_attention_torch(q, kc, vc, meta, pos, 0.25)
+    close(decode_attention(q, kc, vc, meta, pos, 0.25, num_splits=splits, block_n=16), want, torch.float32)
+
+
 # ----------------------------------------------------------------------------- prefill / extend
 
 
