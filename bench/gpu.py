@@ -160,7 +160,8 @@ def key_figures(name, result):
         return "; ".join(f"{r['kernel'].split(' (')[0]} {r['shape']}: {r['Triton us']} us ({r['% of copy bw']})"
                          for r in rows if r.get("kernel", "").startswith(("decode", "sampling")) and r.get("Triton us"))
     if name.startswith("rollout"):
-        return "; ".join(f"B={r['batch']} ctx={r['context']}: {r['engine decode tok/s']} tok/s ({r.get('engine % of limit')}"
+        return "; ".join(f"B={r['batch']} ctx={r['context']}: {r['engine decode tok/s']} tok/s "
+                         f"({r.get('engine % of limit')} of limit"
                          f"{', HF ' + r['HF decode tok/s'] if r.get('HF decode tok/s', '-') != '-' else ''})"
                          for r in rows if "batch" in r and "engine decode tok/s" in r)
     if name == "train-step":
@@ -168,7 +169,8 @@ def key_figures(name, result):
         peak = re.findall(r"peak GPU memory [\d.]+ GB", out)
         return "; ".join([f"step {step[0]['seconds'].strip('*')} s" if step else ""] + peak[-1:])
     if name == "logprobs":
-        return "; ".join(f"{m[0]} {m[1]} s, {m[2]} MiB" for m in re.findall(r"^(ours|naive|liger)\s+([\d.]+)\s+\S+\s+\S+\s+(\d+)", out, re.M))
+        found = re.findall(r"^(ours|naive|liger)\s+([\d.]+)\s+\S+\s+\S+\s+(\d+)", out, re.M)  # its fixed-width table
+        return "; ".join(f"{impl} fwd+bwd {s} s, {mib} MiB extra" for impl, s, mib in found)
     return ""
 
 
@@ -296,7 +298,8 @@ def main():
         else:
             echo(f"\n=== [{i + 1}/{len(stages)}] {s.name} (cap {cap:.0f} s; {left:.0f} s of {args.budget:.0f} left): "
                  f"{' '.join(f'{k}={v}' for k, v in s.env.items())} {shown(cmd)}")
-            rc, seconds, timed_out, output = run_stage(cmd, cap, {**stage_env, **s.env}, echo=lambda l, n=s.name: echo(f"[{n}] {l}"))
+            rc, seconds, timed_out, output = run_stage(cmd, cap, {**stage_env, **s.env},
+                                                       echo=lambda line, n=s.name: echo(f"[{n}] {line}"))
             status = "timed out" if timed_out else ("ok" if rc == 0 else f"failed (exit {rc})")
             r.update(status=status, exit_code=rc, seconds=round(seconds, 1), timed_out=timed_out,
                      tables=tables(output), output=output[-20000:])

@@ -222,7 +222,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the real shape (needs a GPU)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--smoke", action="store_true", help="CPU, the smallest shapes: the plumbing only (bench/gpu.sh --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, the smallest shapes: plumbing only (gpu.sh --smoke)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"

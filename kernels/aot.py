@@ -138,7 +138,7 @@ def compile_one(src, options, target):
     for name, pattern in PTXAS.items():
         found = re.search(pattern, log)
         if found is None:
-            raise RuntimeError(f"kernels.aot: no '{pattern}' in ptxas's log (was the kernel taken from a cache?):\n{log}")
+            raise RuntimeError(f"kernels.aot: no '{pattern}' in ptxas's log (taken from a cache?):\n{log}")
         stats[name] = int(found.group(1))
     return dict(stats, shared=int(compiled.metadata.shared), seconds=round(seconds, 2))
 
@@ -210,8 +210,8 @@ def compile_and_check(fn, src, options, target, max_shared):
 
 
 def table(results):
-    lines = ["| kernel | target | warps | registers | spill stores B | stack B | shared B | compile s | launches | result |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | target | warps | registers | spill stores B | stack B | shared B | compile s | launches "
+             "| result |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         result = "; ".join(r["failures"]) or "ok" + (f" ({r['note']})" if r.get("note") else "")
         lines.append(f"| {r['kernel']} | {r['target']} | {r['num_warps']} | {r.get('regs', '-')} | "
@@ -240,8 +240,8 @@ def main(argv=None):
             json.dump(dict(triton=triton.__version__, seconds=round(total, 1), results=results), f, indent=1)
     failed = [r for r in results if r["failures"]]
     if failed:
-        print(f"\nFAILED: {len(failed)} variant(s): " + "; ".join(f"{r['kernel']} {r['target']}: {', '.join(r['failures'])}"
-                                                               for r in failed))
+        print(f"\nFAILED: {len(failed)} variant(s): "
+              + "; ".join(f"{r['kernel']} {r['target']}: {', '.join(r['failures'])}" for r in failed))
         sys.exit(1)
 
 

@@ -354,8 +354,10 @@ def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, posi
         return tokens, logprobs
     gpu = on_gpu(logits)
     block_v = min(block_v or (4096 if gpu else 32768), triton.next_power_of_2(V))
-    # the interpreter pays per op, not per element; on a GPU a search tile is [BLOCK_S, probes] (registers)
-    block_s = max(block_v // 8, 16) if gpu else block_v
+    # the interpreter pays per op, not per element; on a GPU a search tile is [BLOCK_S, probes] in registers:
+    # BLOCK_V/4 took 255 registers (sm_90, triton 3.6) and BLOCK_V/8 spilled under triton 3.9's ptxas 13
+    # flags (python -m kernels.aot); BLOCK_V/16 is 138-170 on both. Its speed is unmeasured.
+    block_s = max(block_v // 16, 16) if gpu else block_v
     _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), top_p.float().contiguous(),
                          top_k.long().contiguous(), seed, prompt_idx, sample_idx, position, tokens, logprobs, V,
                          V if vocab_limit is None else min(vocab_limit, V), FILTER=bool(filtered),

@@ -68,5 +68,6 @@ def test_stages_past_the_deadline_are_skipped(tmp_path):
 
 def test_markdown_tables_become_rows():
     text = "intro\ndevice X, commit abc\n| a | b |\n|---|---:|\n| 1 | 2,048 |\n| 3 | - |\nafter\n| c |\n|---|\n| x |\n"
-    assert gpu.tables(text) == [{"title": "device X, commit abc", "rows": [{"a": "1", "b": "2,048"}, {"a": "3", "b": "-"}]},
-                                {"title": "after", "rows": [{"c": "x"}]}]
+    assert gpu.tables(text) == [
+        {"title": "device X, commit abc", "rows": [{"a": "1", "b": "2,048"}, {"a": "3", "b": "-"}]},
+        {"title": "after", "rows": [{"c": "x"}]}]

@@ -517,8 +517,9 @@ def test_acceptable_draws_margins():
     accepts that token kept or dropped, a cut farther away does not."""
     from kernels.sampling import RACE_EPS, acceptable_draws, row_key, uniform
     V = 64
-    rows = dict(top_p=torch.ones(4), top_k=torch.zeros(4, dtype=torch.int64), seed=torch.full((4,), 5),
-                prompt_idx=torch.arange(4), sample_idx=torch.zeros(4, dtype=torch.int64), position=torch.zeros(4, dtype=torch.int64))
+    zeros = torch.zeros(4, dtype=torch.int64)
+    rows = dict(top_p=torch.ones(4), top_k=zeros, seed=torch.full((4,), 5), prompt_idx=torch.arange(4), sample_idx=zeros,
+                position=zeros)
     noise = -torch.log(-torch.log(uniform(row_key(rows["seed"], rows["prompt_idx"], rows["sample_idx"],
                                                   rows["position"]), torch.arange(V)).double()))
     logits = torch.full((4, V), -50.0, dtype=torch.float64)
