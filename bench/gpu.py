@@ -119,8 +119,8 @@ def run_stage(cmd, cap, env=None, echo=None):
             text = data.decode(errors="replace")
             chunks.append(text)
             *done, pending = (pending + text).split("\n")
-            for line in done:
-                echo and echo(line)
+            for line in done if echo else ():
+                echo(line)
         elif proc.poll() is not None:
             break  # exited, but a child it left behind holds the pipe open
     with contextlib.suppress(ProcessLookupError):
@@ -225,31 +225,75 @@ def fetch_wheels():
     sys.exit(rc)
 
 
+DEVICE_PROBE = """
+import json, os, torch
+d = dict(torch=torch.__version__, cuda=torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    d.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+             memory_gb=round(p.total_memory / 1e9, 1), devices=torch.cuda.device_count())
+else:
+    d["device"] = f"CPU ({os.cpu_count()} cores), no CUDA"
+print(json.dumps(d))
+"""
+
+
 def environment(commit, smoke, echo):
-    import torch
-    env = dict(commit=commit or git("rev-parse", "--short", "HEAD") or "unknown",
-               dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+    """Versions and the device, probed in a child process: this one never creates a CUDA context (it
+    would hold GPU memory through every stage and shift the trainer's memory figures)."""
+    from_git = git("rev-parse", "--short", "HEAD")
+    env = dict(commit=commit or from_git or "unknown",
+               dirty=bool(git("status", "--porcelain", "--untracked-files=no")) if from_git else None,
                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), smoke=smoke,
-               python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda)
+               python=sys.version.split()[0])
+    probe = subprocess.run([PY, "-c", DEVICE_PROBE], capture_output=True, text=True, timeout=300)
+    env.update(json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else
+               dict(device=f"probe failed: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"))
     for dist in ("triton", "transformers", "sympy", "antlr4-python3-runtime", "pytest"):
         try:
             env[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             env[dist] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                   memory_gb=round(p.total_memory / 1e9, 1), devices=torch.cuda.device_count())
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True)
-        env["nvidia_smi"] = smi.stdout.strip() if smi.returncode == 0 else None
-    else:
-        env["device"] = f"CPU ({os.cpu_count()} cores), no CUDA"
+    if env.get("capability"):
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+            env["nvidia_smi"] = smi.stdout.strip() if smi.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            env["nvidia_smi"] = None
     echo(" ".join(f"{k}={v}" for k, v in env.items()))
     return env
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def run_stages(stages, smoke, t_start, budget, results, path, echo):
+    """Each stage under min(its cap, the time left), results.json rewritten after each."""
+    deadline = t_start + budget
+    stage_env = {"PYTHONPATH": os.path.join(ROOT, "bench") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                 "PYTHONUNBUFFERED": "1"}  # bench/ on the path: `pytest -p gpu` loads this file's plugin
+    for i, s in enumerate(stages):
+        cmd = s.smoke if smoke else s.full
+        left = deadline - time.perf_counter()
+        cap = min(s.cap if not smoke else 300, left)
+        r = dict(command=shown(cmd), env=s.env, cap_s=round(cap, 1))
+        if cap < MIN_STAGE_S:
+            r.update(status="skipped: out of time")
+            echo(f"\n=== [{i + 1}/{len(stages)}] {s.name}: skipped, {left:.0f} s left")
+        else:
+            echo(f"\n=== [{i + 1}/{len(stages)}] {s.name} (cap {cap:.0f} s; {left:.0f} s of {budget:.0f} left): "
+                 f"{' '.join(f'{k}={v}' for k, v in s.env.items())} {shown(cmd)}")
+            rc, seconds, timed_out, output = run_stage(cmd, cap, {**stage_env, **s.env},
+                                                       echo=lambda line, n=s.name: echo(f"[{n}] {line}"))
+            status = "timed out" if timed_out else ("ok" if rc == 0 else f"failed (exit {rc})")
+            r.update(status=status, exit_code=rc, seconds=round(seconds, 1), timed_out=timed_out,
+                     tables=tables(output), output=output[-20000:])
+        r["key_figures"] = key_figures(s.name, r)
+        results["stages"][s.name] = r
+        results["total_s"] = round(time.perf_counter() - t_start, 1)
+        with open(path, "w") as f:  # after every stage: a later hang or kill loses nothing
+            json.dump(results, f, indent=1)
 
 
 def main():
@@ -273,7 +317,6 @@ def main():
                   f"{shown(s.smoke if args.smoke else s.full)}")
         return
     t_start = time.perf_counter()
-    deadline = t_start + args.budget
     echo = lambda line: print(line, flush=True)  # noqa: E731
     notes = install_wheels(echo)
     env = environment(args.commit, args.smoke, echo)
@@ -285,31 +328,9 @@ def main():
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     results = dict(env=env, wheels=notes, budget_s=args.budget, stages={})
-    stage_env = {"PYTHONPATH": os.path.join(ROOT, "bench") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                 "PYTHONUNBUFFERED": "1"}
-    for i, s in enumerate(stages):
-        cmd = s.smoke if args.smoke else s.full
-        left = deadline - time.perf_counter()
-        cap = min(s.cap if not args.smoke else 300, left)
-        r = dict(command=shown(cmd), env=s.env, cap_s=round(cap, 1))
-        if cap < MIN_STAGE_S:
-            r.update(status="skipped: out of time")
-            echo(f"\n=== [{i + 1}/{len(stages)}] {s.name}: skipped, {left:.0f} s left")
-        else:
-            echo(f"\n=== [{i + 1}/{len(stages)}] {s.name} (cap {cap:.0f} s; {left:.0f} s of {args.budget:.0f} left): "
-                 f"{' '.join(f'{k}={v}' for k, v in s.env.items())} {shown(cmd)}")
-            rc, seconds, timed_out, output = run_stage(cmd, cap, {**stage_env, **s.env},
-                                                       echo=lambda line, n=s.name: echo(f"[{n}] {line}"))
-            status = "timed out" if timed_out else ("ok" if rc == 0 else f"failed (exit {rc})")
-            r.update(status=status, exit_code=rc, seconds=round(seconds, 1), timed_out=timed_out,
-                     tables=tables(output), output=output[-20000:])
-        r["key_figures"] = key_figures(s.name, r)
-        results["stages"][s.name] = r
-        results["total_s"] = round(time.perf_counter() - t_start, 1)
-        with open(path, "w") as f:  # after every stage: a later hang or kill loses nothing
-            json.dump(results, f, indent=1)
+    run_stages(stages, args.smoke, t_start, args.budget, results, path, echo)
     print(f"\nGPU check: {env['device']}, commit {env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['date']}, "
-          f"torch {env['torch']}, triton {env['triton']}, {results['total_s']:.0f} s of {args.budget:.0f}; {path}")
+          f"torch {env.get('torch')}, triton {env['triton']}, {results['total_s']:.0f} s of {args.budget:.0f}; {path}")
     print("| stage | status | seconds | key figures |\n|---|---|---|---|")
     for name, r in results["stages"].items():
         print(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {r['key_figures']} |")
