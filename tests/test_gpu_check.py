@@ -13,8 +13,8 @@ import gpu  # noqa: E402  (bench/gpu.py)
 
 
 def test_smoke_runs_every_stage_and_writes_the_results_file(tmp_path):
-    """Cost: ~60 CPU-seconds (8 Python processes, each importing torch; 56 s user + 4 s sys measured),
-    ~200 s wall on the shared 2-core machine at load 12."""
+    """Cost: ~60 CPU-seconds (8 Python processes, each importing torch), ~180 s wall on the shared
+    2-core machine at load 11-12."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the stages decide for themselves
     run = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--out", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
