@@ -5,7 +5,9 @@ of a whole decode step at the real 1.5B shape (the targets of the kernels work i
 
     python bench/kernels.py            # CPU: tiny shapes through Triton's interpreter (correctness
                                        #      and plumbing only: interpreter timings mean nothing)
-    python bench/kernels.py --full     # GPU: the real shape (Hq 12, Hkv 2, head_dim 128, bf16, 28 layers)
+    python bench/kernels.py --full     # GPU: the real shape (Hq 12, Hkv 2, head_dim 128, bf16, 28 layers),
+                                       #      then the engine's self-check and the JIT's registers/spills
+    python bench/kernels.py --smoke    # CPU: the smallest shapes, seconds (bench/gpu.sh --smoke)
 
 Every kernel's output is checked against its twin before it is timed (max abs difference printed;
 for sampling, the number of tokens that differ; for bf16 log-probs the twin's bf16 logits are the
@@ -166,6 +168,35 @@ def bench_logprobs(N, H, V, dtype, device, bw, reps):
           "| | | | | | | | |")
 
 
+def self_check_row(Hq, Hkv, D, dtype, device, vocab=151936):
+    """The engine's start-up check (kernels.self_check) at this shape: pass, or the reason it fails."""
+    import kernels
+    t0 = time.perf_counter()
+    try:
+        kernels.self_check(device, dtype, Hq, Hkv, D, 16, vocab=vocab)
+        result = "passed"
+    except Exception as e:  # noqa: BLE001 - the report is the point
+        result = f"FAILED: {e!r}"[:300]
+    print(f"\nself-check (kernels.self_check, Hq {Hq} Hkv {Hkv} head_dim {D} {str(dtype).removeprefix('torch.')} "
+          f"block 16 vocab {vocab:,}): {result} in {time.perf_counter() - t0:.1f} s")
+
+
+def compiled_kernels(device):
+    """Registers, spills and shared memory of every kernel variant the JIT compiled in this process
+    (the GPU's own numbers; kernels/aot.py computes the same ahead of time without a GPU)."""
+    import triton
+    from triton.runtime.jit import JITFunction
+    import kernels.decode_attention, kernels.kv_write, kernels.logprobs, kernels.prefill_attention, kernels.sampling
+    mods = (kernels.kv_write, kernels.decode_attention, kernels.prefill_attention, kernels.sampling, kernels.logprobs)
+    print(f"\nCompiled kernel variants (triton {triton.__version__}, as the JIT built them on this GPU)")
+    print("| kernel | variant | registers | spills (Triton's n_spills) | shared B |\n|---|---|---|---|---|")
+    for fn in (v for m in mods for v in vars(m).values() if isinstance(v, JITFunction)):
+        compiled = [k for cache in fn.device_caches.values() for k in cache[0].values()]
+        for i, k in enumerate(compiled):
+            k._init_handles()  # registers and spills come from loading the binary
+            print(f"| {fn.__name__} | {i} | {k.n_regs} | {k.n_spills} | {k.metadata.shared:,} |")
+
+
 def decode_limits(bw, label):
     """Bandwidth limit of one decode step of the real model: all weights (bar the embedding) plus the
     KV cache of every sequence read once per step."""
@@ -191,14 +222,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the real shape (needs a GPU)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU, the smallest shapes: plumbing only (gpu.sh --smoke)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     if args.full and not gpu:
         sys.exit("--full needs a CUDA GPU (the interpreter would take hours at the real shape)")
-    reps = args.reps or (50 if gpu else 2)
+    reps = args.reps or (50 if gpu else 1 if args.smoke else 2)
     dtype = torch.bfloat16 if gpu else torch.float32
-    Hq, Hkv, D = (12, 2, 128) if args.full else (12, 2, 64)
+    Hq, Hkv, D = (12, 2, 128) if args.full else (4, 2, 16) if args.smoke else (12, 2, 64)
     bw = measure_bandwidth(device)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(device) if gpu else "CPU, Triton interpreter (timings NOT performance)"
@@ -218,12 +250,22 @@ def main():
         for B in (1, 64, 256):
             bench_sampling(B, 151936, 151665, device, bw, reps)
         bench_logprobs(8192, 1536, 151936, dtype, device, bw, max(3, reps // 10))
+        self_check_row(Hq, Hkv, D, dtype, device)
+        compiled_kernels(device)
+    elif args.smoke:
+        bench_decode(1, 8, Hq, Hkv, D, dtype, device, bw, reps)
+        bench_prefill(1, 4, 5, Hq, Hkv, D, dtype, device, bw, reps)
+        bench_kv_write(2, Hkv, D, dtype, device, bw, reps)
+        bench_sampling(1, 1024, 1000, device, bw, reps)
+        bench_logprobs(8, 16, 64, dtype, device, bw, 1)
+        self_check_row(Hq, Hkv, D, dtype, device, vocab=256)
     else:
         bench_decode(2, 40, Hq, Hkv, D, dtype, device, bw, reps)
         bench_prefill(2, 16, 17, Hq, Hkv, D, dtype, device, bw, reps)
         bench_kv_write(8, Hkv, D, dtype, device, bw, reps)
         bench_sampling(2, 151936, 151665, device, bw, reps)
         bench_logprobs(48, 64, 2048, dtype, device, bw, 1)
+        self_check_row(Hq, Hkv, D, dtype, device, vocab=2048)
     decode_limits(bw if gpu else 3.0e12, "measured copy bandwidth" if gpu else
                   "an assumed H100 copy bandwidth (PLATFORM.md: about 3.0 TB/s), NOT measured here:")
 

@@ -15,7 +15,7 @@ Why it is shaped like this:
     head (GQA, 6 in the 1.5B model), so one program serves the whole group: its queries form the M
     rows of a tl.dot, padded to 16 because the GPU's tensor-core dot needs M >= 16.
   - At batch 1 there are only B * Hkv = 2 groups, far too few programs for 132 SMs, so the context is
-    split into NUM_SPLITS pieces, each a program writing a partial (output, log-sum-exp); a second small
+    split into num_splits pieces, each a program writing a partial (output, log-sum-exp); a second small
     kernel merges them. The grid depends only on host-known shapes (B, the block table's width), never
     on context lengths, so a step can be captured in a CUDA graph; splits past a sequence's end exit
     empty.
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from kernels._triton import tl, triton
+from kernels._triton import on_gpu, sm_count, tl, triton
 
 
 def decode_attention_torch(q, k_cache, v_cache, meta, positions, scale):
@@ -55,15 +55,16 @@ def decode_attention_torch(q, k_cache, v_cache, meta, positions, scale):
 def native_dot(q, k_cache):
     """16-bit tl.dot on the GPU when q and the cache share a 16-bit dtype; the interpreter (CPU) always
     upcasts, because its bf16 arithmetic is wrong."""
-    return q.is_cuda and q.dtype == k_cache.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    return on_gpu(q) and q.dtype == k_cache.dtype and q.dtype in (torch.bfloat16, torch.float16)
 
 
-@triton.jit
+# num_splits and the block table's width (s_bt) are never specialised: one compiled kernel serves every
+# batch size and max_model_len
+@triton.jit(do_not_specialize=["num_splits", "s_bt"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, po_ptr, plse_ptr,
-                         qk_scale, block_size, s_qn, s_qh, s_kb, s_kr, s_kh, s_vb, s_vr, s_vh, s_bt,
+                         qk_scale, block_size, num_splits, s_qn, s_qh, s_kb, s_kr, s_kh, s_vb, s_vr, s_vh, s_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                         NATIVE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,7 +74,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, 
     qpos = tl.load(pos_ptr + tok + tl.arange(0, 1), mask=tl.arange(0, 1) < num_new, other=-1)
     qpos = tl.max(qpos, axis=0)  # (vector load: a scalar mask trips the interpreter)
     length = tl.minimum(tl.load(ctx_ptr + b), qpos + 1)  # keys 0 .. length-1
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
 
@@ -123,39 +124,47 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr, 
     # an empty split leaves m = -inf, l = 0: its log-sum-exp is -inf and the merge gives it weight 0
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))
-    base = (b.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS] workspace
+    base = (b.to(tl.int64) * num_heads + heads) * num_splits + split  # [B, Hq, num_splits] workspace
     tl.store(plse_ptr + base, lse, mask=gmask)
     tl.store(po_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
 
 
-@triton.jit
-def _decode_merge_kernel(po_ptr, plse_ptr, cu_ptr, o_ptr, s_on, s_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_PAD: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_merge_kernel(po_ptr, plse_ptr, cu_ptr, o_ptr, s_on, s_oh, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Splits are read BLOCK_S at a time: a [64 splits, 128] fp32 tile in one warp's registers took 255
+    registers and spilled (sm_80/sm_90), a [16, 128] tile takes a quarter of that."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.load(cu_ptr + b)
     num_new = tl.load(cu_ptr + b + 1) - tok
-    sp = tl.arange(0, SPLITS_PAD)
+    sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    base = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS
-    lse = tl.load(plse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
+    base = (b.to(tl.int64) * tl.num_programs(1) + h) * num_splits
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.maximum(m, tl.load(plse_ptr + base + s0 + sp, mask=s0 + sp < num_splits, other=float("-inf")))
+    m = tl.max(m, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all (a padded row): weights 0, output 0
-    w = tl.exp2(lse - m)
-    parts = tl.load(po_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(sp < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        smask = s0 + sp < num_splits
+        w = tl.exp2(tl.load(plse_ptr + base + s0 + sp, mask=smask, other=float("-inf")) - m)
+        parts = tl.load(po_ptr + (base + s0 + sp)[:, None] * HEAD_DIM + d[None, :],
+                        mask=smask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        acc += tl.sum(parts * w[:, None], axis=0)
+        w_sum += w
+    out = acc / tl.maximum(tl.sum(w_sum, axis=0), 1e-30)
     tl.store(o_ptr + tok.to(tl.int64) * s_on + h * s_oh + d, out.to(o_ptr.dtype.element_ty),
              mask=(d < HEAD_DIM) & (d * 0 < num_new))
 
 
-def num_splits_for(batch, kv_heads, max_context, block_n, device):
-    """Enough programs to fill the GPU (about 2 per SM), no more splits than key tiles. Host-only
-    inputs (shapes), so a captured graph and its replays agree."""
-    if device.type != "cuda":
+def num_splits_for(batch, kv_heads, max_context, block_n, sms=None):
+    """Enough programs to fill the GPU (about 2 per SM; sms=None: the interpreter), no more splits than
+    key tiles, at most 64. Host-only inputs (shapes), so a captured graph and its replays agree."""
+    if sms is None:
         return max(1, min(4, triton.cdiv(max_context, block_n)))  # interpreter: keep grids tiny
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_context, block_n), 64))
 
@@ -172,20 +181,20 @@ def decode_attention(q, k_cache, v_cache, meta, positions, scale, num_splits=Non
     if q.stride(-1) != 1:
         q = q.contiguous()
     G = Hq // Hkv
-    block_n = block_n or (64 if q.is_cuda else 16)
-    num_splits = num_splits or num_splits_for(B, Hkv, max_blocks * bs, block_n, q.device)
+    gpu = on_gpu(q)
+    block_n = block_n or (64 if gpu else 16)
+    num_splits = num_splits or num_splits_for(B, Hkv, max_blocks * bs, block_n, sm_count(q.device) if gpu else None)
     part_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     bt = meta.block_tables
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, bt, meta.context_lens, meta.cu_seqlens_q, positions, part_o, part_lse,
-        scale * math.log2(math.e), bs, q.stride(0), q.stride(1),
+        scale * math.log2(math.e), bs, num_splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0), GROUP=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n,
         IEEE=k_cache.dtype == torch.float32, NATIVE=native_dot(q, k_cache), num_warps=4)
     _decode_merge_kernel[(B, Hq)](
-        part_o, part_lse, meta.cu_seqlens_q, out, out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=1)
+        part_o, part_lse, meta.cu_seqlens_q, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=16, num_warps=1)
     return out

@@ -16,11 +16,11 @@ beats the twin (bench/kernels.py --full; BENCHMARKS.md "## kernels").
 import torch
 
 from grpo import token_logprobs  # noqa: F401  (the twin, re-exported beside the kernel)
-from kernels._triton import tl, triton
+from kernels._triton import on_gpu, tl, triton
 from kernels.decode_attention import native_dot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # the token count: one kernel for every micro-batch
 def _logprobs_kernel(h_ptr, w_ptr, t_ptr, lp_ptr, ent_ptr, N, V, H, s_h, s_w, inv_temp,
                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      NATIVE: tl.constexpr, IEEE: tl.constexpr):
@@ -78,7 +78,7 @@ def token_logprobs_fused(hidden, weight, targets, temperature=1.0, return_entrop
     lp = torch.empty(N, dtype=torch.float32, device=h.device)
     ent = torch.empty_like(lp)
     if N:
-        gpu = h.is_cuda
+        gpu = on_gpu(h)
         bt, bv, bk = (64, 128, 64) if gpu else (16, 64, 32)
         _logprobs_kernel[(triton.cdiv(N, bt),)](
             h, w, targets.reshape(-1).long(), lp, ent, N, V, H, h.stride(0), w.stride(0), 1.0 / float(temperature),

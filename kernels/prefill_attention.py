@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
+from kernels._triton import on_gpu, tl, triton
 from kernels.decode_attention import native_dot
 
 
@@ -52,7 +52,7 @@ def paged_attention_torch(q, k_cache, v_cache, meta, positions, scale):
     return o.transpose(1, 2).reshape(B * meta.max_seqlen_q, Hq, D)[row]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"])  # the block table's width: any max_model_len
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, pos_ptr,
                     qk_scale, block_size, s_qn, s_qh, s_on, s_oh, s_kb, s_kr, s_kh, s_vb, s_vr, s_vh, s_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -129,8 +129,9 @@ def prefill_attention(q, k_cache, v_cache, meta, positions, scale, block_m=None,
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    block_m = block_m or (64 if q.is_cuda else 16)
-    block_n = block_n or (64 if q.is_cuda else 16)
+    gpu = on_gpu(q)
+    block_m = block_m or (64 if gpu else 16)
+    block_n = block_n or (64 if gpu else 16)
     bt = meta.block_tables
     grid = (B, triton.cdiv(meta.max_seqlen_q, block_m), Hq)
     _prefill_kernel[grid](
@@ -139,5 +140,5 @@ def prefill_attention(q, k_cache, v_cache, meta, positions, scale, block_m=None,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0), GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=block_m, BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32, NATIVE=native_dot(q, k_cache),
-        num_warps=4)
+        num_warps=8)
     return out

@@ -36,7 +36,7 @@ the log-prob under T = 1.
 """
 import torch
 
-from kernels._triton import tl, triton
+from kernels._triton import on_gpu, tl, triton
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -118,6 +118,43 @@ def sample_torch(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx
         score = score.masked_fill(~filter_mask(z, top_p, top_k), float("-inf"))
     tokens = torch.where(greedy, z.argmax(-1), score.argmax(-1))
     return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+
+
+RACE_EPS = 1e-5  # race scores this close (relative to the winner's, at least 1) are a near-tie
+MASS_EPS = 1e-4  # a token whose top-p mass-before is this close to top_p may be kept or dropped
+
+
+def acceptable_draws(tokens, logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, position,
+                     vocab_limit=None):
+    """Which of `tokens` [B] (another implementation's draws, e.g. the fused kernel's on a GPU, whose
+    exp is approximate - ex2.approx - and whose log is libdevice's, not torch's) sample_torch could
+    have drawn but for float rounding. Greedy rows: exactly the twin's argmax. Sampled rows: the token
+    must be kept by the filter with top_p widened by MASS_EPS, and its race score (float64 here) must
+    be within RACE_EPS of the best score over the tokens kept even with top_p narrowed by MASS_EPS.
+    So a different token passes only on a near-tie: its row's winning margin is below RACE_EPS (or the
+    top-p cut falls within MASS_EPS of it). Returns bool [B]."""
+    B, V = logits.shape
+    greedy = temperature <= 0
+    z = logits.double() / torch.where(greedy, 1.0, temperature.double())[:, None]
+    if vocab_limit is not None and vocab_limit < V:
+        z[:, vocab_limit:] = float("-inf")
+    ids = torch.arange(V, device=logits.device)
+    u = uniform(row_key(seed, prompt_idx, sample_idx, position), ids).double()
+    score = z - torch.log(-torch.log(u))
+    # top-k exactly as the twin (z / T is exact in both), top-p with the mass-before compared in float64
+    sorted_z, order = z.sort(dim=-1, descending=True, stable=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    in_k = ids[None, :] < k[:, None]
+    p = torch.softmax(sorted_z.masked_fill(~in_k, float("-inf")), dim=-1)
+    before = p.cumsum(-1) - p
+    off = (top_p >= 1)[:, None]
+    narrow = in_k & ((before < top_p.double()[:, None] - MASS_EPS) | off | (ids == 0)[None, :])
+    wide = in_k & ((before < top_p.double()[:, None] + MASS_EPS) | off)
+    narrow, wide = (torch.zeros_like(m).scatter_(-1, order, m) for m in (narrow, wide))
+    best = score.masked_fill(~narrow, float("-inf")).max(-1).values
+    mine = score.gather(-1, tokens[:, None])[:, 0]
+    sampled_ok = wide.gather(-1, tokens[:, None])[:, 0] & (mine >= best - RACE_EPS * best.abs().clamp(min=1))
+    return torch.where(greedy, tokens == z.argmax(-1), sampled_ok)
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +246,7 @@ def _search(row, V, limit, div, m, z_norm, need, lo, hi, MASS: tl.constexpr, BLO
     return hi, cnt_hi, mass_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vocab_limit"])  # the tokenizer's size: any value, one kernel
 def _sample_kernel(logits_ptr, s_row, temp_ptr, top_p_ptr, top_k_ptr, seed_ptr, prompt_ptr, sidx_ptr, pos_ptr,
                    tok_ptr, lp_ptr, V, vocab_limit, FILTER: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_S: tl.constexpr, PROBES: tl.constexpr):
@@ -315,12 +352,47 @@ def sample(logits, temperature, top_p, top_k, seed, prompt_idx, sample_idx, posi
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
         return tokens, logprobs
-    block_v = min(block_v or (4096 if logits.is_cuda else 32768), triton.next_power_of_2(V))
-    # the interpreter pays per op, not per element; on a GPU a search tile is [BLOCK_S, probes] (registers)
-    block_s = max(block_v // 4, 16) if logits.is_cuda else block_v
+    gpu = on_gpu(logits)
+    block_v = min(block_v or (4096 if gpu else 32768), triton.next_power_of_2(V))
+    # the interpreter pays per op, not per element; on a GPU a search tile is [BLOCK_S, probes] in registers:
+    # BLOCK_V/4 took 255 registers (sm_90, triton 3.6) and BLOCK_V/8 spilled under triton 3.9's ptxas 13
+    # flags (python -m kernels.aot); BLOCK_V/16 is 138-170 on both. Its speed is unmeasured.
+    block_s = max(block_v // 16, 16) if gpu else block_v
     _sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(), top_p.float().contiguous(),
                          top_k.long().contiguous(), seed, prompt_idx, sample_idx, position, tokens, logprobs, V,
                          V if vocab_limit is None else min(vocab_limit, V), FILTER=bool(filtered),
                          BLOCK_V=block_v, BLOCK_S=block_s, PROBES=probes,
-                         num_warps=8 if logits.is_cuda else 1)
+                         num_warps=8 if gpu else 1)
     return tokens, logprobs
+
+
+def check_against_twin(device, dtype, vocab, sampler=None):
+    """kernels.self_check's sampler part: `sampler` (default: the fused kernel) against sample_torch on
+    rows plain T=0.6, greedy, T=1, top-p, top-p + top-k, and a near-tie, with `dtype` logits of `vocab`
+    entries. Raises RuntimeError unless every token is an acceptable_draws one and the log-probs of
+    the tokens both drew agree."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, vocab, generator=g) * 3
+    rows = [torch.tensor(x, device=device) for x in ([0.6, 0.0, 1.0, 0.6, 0.6, 1.0], [1.0, 1.0, 1.0, 0.95, 0.9, 1.0],
+                                                     [0, 0, 0, 0, 50, 0], [7, 7, 2**40, 7, 7, 7], [0, 1, 2, 3, 4, 5],
+                                                     [0, 1, 0, 0, 1, 0], [3, 4, 5, 6, 7, 8])]
+    limit = vocab - 10
+    # row 5: the two ids < limit whose race noise -log(-log u) is closest get the same logit, far above
+    # the rest: at the real vocabulary their race is closer than float32 can tell
+    noise = -torch.log(-torch.log(uniform(row_key(*(r[5:6].cpu() for r in rows[3:])), torch.arange(limit)).double()))[0]
+    order = noise.argsort()
+    i = (noise[order[1:]] - noise[order[:-1]]).argmin()
+    logits[5] = -40.0
+    logits[5, order[i:i + 2]] = 8.0
+    logits = logits.to(device, dtype)
+    got = (sampler or sample)(logits, *rows, vocab_limit=limit)
+    want = sample_torch(logits, *rows, vocab_limit=limit)
+    ok = acceptable_draws(got[0], logits, *rows, vocab_limit=limit)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[:, 0].tolist()
+        raise RuntimeError(f"sample drew {got[0].tolist()}, its twin {want[0].tolist()}: rows {bad} are not near-ties")
+    same = got[0] == want[0]
+    try:
+        torch.testing.assert_close(got[1][same], want[1][same], rtol=1e-4, atol=1e-3)
+    except AssertionError as e:
+        raise RuntimeError(f"sample's log-probs differ from its twin's: {e}") from None

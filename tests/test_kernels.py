@@ -2,6 +2,7 @@
 interpreter (conftest sets TRITON_INTERPRET=1), so sizes are tiny; on a GPU the same tests run on the
 device. Shapes are odd on purpose: non-power-of-two head dims and block sizes, context lengths at and
 around block boundaries, sequences with empty and full last blocks, GQA groups of 1, 2 and 6."""
+import math
 import random
 
 import pytest
@@ -119,6 +120,20 @@ def test_decode_long_context_split_and_missing_query():
     got = decode_attention(q[[0, 2]], kc, vc, meta2, pos[[0, 2]], 0.25, num_splits=2)
     close(got, want[[0, 2]], torch.float32)
     close(decode_attention_torch(q[[0, 2]], kc, vc, meta2, pos[[0, 2]], 0.25), want[[0, 2]], torch.float32)
+
+
+@pytest.mark.parametrize("splits", [20, 64])
+def test_decode_merge_over_many_splits(splits):
+    """More splits than the merge kernel reads at once (16): a 300-token context in 16-key tiles keeps
+    splits 0-18 busy (so the second group of 16 holds real partials) and the rest empty; a 5-token
+    sequence beside it leaves nearly every split empty. 64 is the GPU's most (batch 1-2)."""
+    bs, Hkv, D, G = 16, 1, 16, 6
+    ctx = [300, 5]
+    meta, pos = paged_batch([c - 1 for c in ctx], [1, 1], bs, num_blocks=24, seed=11)
+    kc, vc = caches(24, bs, Hkv, D, torch.float32, seed=12)
+    q = torch.randn(2, G, D, device=DEV)
+    want = paged_attention_torch(q, kc, vc, meta, pos, 0.25)
+    close(decode_attention(q, kc, vc, meta, pos, 0.25, num_splits=splits, block_n=16), want, torch.float32)
 
 
 # ----------------------------------------------------------------------------- prefill / extend
@@ -378,7 +393,7 @@ def test_engine_greedy_unchanged_with_kernels():
         eng = Engine(m, block_size=4, num_blocks=6, max_num_seqs=8, max_model_len=32, max_prefill_tokens=8,
                      ignore_eos=True)
         if triton:
-            eng.sampler = sample  # what kernels.setup_engine installs on CUDA
+            eng.sampler = sample  # what model_runner.install_kernels installs on CUDA
         out = eng.generate(prompts, max_new_tokens=6, temperature=0.0, n=2)
         return [c.token_ids for c in out], eng.stats
 
@@ -463,7 +478,70 @@ def test_self_check_and_engine_fallback(monkeypatch):
     assert sampler is sample_torch and "no compiler" in reason and M.ATTENTION == previous
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def twin_with(change):
+    """A stand-in for the fused sampler: the twin's draws, then change(logits, tokens, logprobs)."""
+    from kernels.sampling import sample_torch
+
+    def sampler(logits, *rows, **kw):
+        tokens, logprobs = sample_torch(logits, *rows, **kw)
+        change(logits, tokens, logprobs)
+        return tokens, logprobs
+    return sampler
+
+
+def test_self_check_sampler_tolerates_near_ties_only():
+    """The sampler check (twin stand-ins, no kernel; 5,000 entries: small tensors, ~1 s): the twin itself
+    passes; the other token of the built near-tie row passes (a GPU's approximate exp may break that tie
+    the other way); a different token on an ordinary row, a different greedy token, or a log-prob off by
+    0.01 fail."""
+    from kernels.sampling import check_against_twin, sample_torch
+    V = 5_000
+
+    def other_of_tie(logits, tokens, logprobs):
+        tied = (logits[5] == 8).nonzero()[:, 0].tolist()
+        assert len(tied) == 2 and int(tokens[5]) in tied
+        tokens[5] = tied[0] if int(tokens[5]) == tied[1] else tied[1]
+
+    check_against_twin(DEV, torch.bfloat16, V, sampler=sample_torch)
+    check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(other_of_tie))
+    with pytest.raises(RuntimeError, match=r"rows \[0\] are not near-ties"):
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: t.__setitem__(0, t[0] + 1)))
+    with pytest.raises(RuntimeError, match=r"rows \[1\] are not near-ties"):  # row 1 is greedy
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: t.__setitem__(1, t[1] + 1)))
+    with pytest.raises(RuntimeError, match="log-probs differ"):
+        check_against_twin(DEV, torch.bfloat16, V, sampler=twin_with(lambda lg, t, lp: lp.add_(0.01)))
+
+
+def test_acceptable_draws_margins():
+    """The rule itself on built rows: a race decided by less than RACE_EPS accepts either token, by more
+    only the winner; greedy ties go to the first id, exactly; a top-p cut within MASS_EPS of a token
+    accepts that token kept or dropped, a cut farther away does not."""
+    from kernels.sampling import RACE_EPS, acceptable_draws, row_key, uniform
+    V = 64
+    zeros = torch.zeros(4, dtype=torch.int64)
+    rows = dict(top_p=torch.ones(4), top_k=zeros, seed=torch.full((4,), 5), prompt_idx=torch.arange(4), sample_idx=zeros,
+                position=zeros)
+    noise = -torch.log(-torch.log(uniform(row_key(rows["seed"], rows["prompt_idx"], rows["sample_idx"],
+                                                  rows["position"]), torch.arange(V)).double()))
+    logits = torch.full((4, V), -50.0, dtype=torch.float64)
+    for r, gap in enumerate((0.1 * RACE_EPS, 10 * RACE_EPS)):  # id 3 beats id 9 by `gap` in race score
+        logits[r, 3], logits[r, 9] = 4 - noise[r, 3] + gap, 4 - noise[r, 9]
+    logits[2:, [3, 9]] = 4.0  # rows 2-3: greedy, an exact tie
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    ok = lambda tokens: acceptable_draws(torch.tensor(tokens), logits, t, **rows).tolist()
+    assert ok([3, 3, 3, 3]) == [True, True, True, True]
+    assert ok([9, 9, 9, 9]) == [True, False, False, False]
+    # top-p: per row, id a of mass 0.6 and id b of 0.4 (the rest ~0), b the id with the highest race noise,
+    # a the lowest: b wins whenever it is kept. b's mass before is 0.6: kept by top_p 0.6 + 1e-6 (but
+    # within MASS_EPS: dropping it is accepted too), kept by 0.7, dropped by 0.5
+    a, b = noise.argmin(-1), noise.argmax(-1)
+    logits = torch.full((4, V), -50.0, dtype=torch.float64)
+    logits[range(4), a], logits[range(4), b] = math.log(0.6), math.log(0.4)
+    rows["top_p"] = torch.tensor([0.6 + 1e-6, 0.6 + 1e-6, 0.7, 0.5])
+    t = torch.ones(4)
+    assert ok([b[0], a[1], a[2], b[3]]) == [True, True, False, False]
+    assert ok([b[0], b[1], b[2], a[3]]) == [True, True, True, True]  # the twin's own draws
+
 def test_cuda_graphs_refuse_cpu():
     from kernels.cuda_graphs import DecodeGraphs
     with pytest.raises(RuntimeError, match="CUDA"):
