@@ -162,9 +162,9 @@ class Server:
         return job
 
     def stats(self):
-        eng = self.llm.engine
+        eng = self.llm.engine  # None while it is being rebuilt
         pool = getattr(eng, "pool", None)
-        return dict(engine=dict(eng.stats), server=dict(self.loop_thread.counts, pending=self.pending,
+        return dict(engine=dict(getattr(eng, "stats", {})), server=dict(self.loop_thread.counts, pending=self.pending,
                                                         live=len(self.loop_thread.live)),
                     kv_blocks=dict(total=getattr(eng, "num_blocks", None), free=getattr(pool, "num_free", None)))
 
@@ -232,8 +232,9 @@ def build_app(server: Server):
 
     @app.get("/health")
     async def health():
-        if not server.loop_thread.alive:
-            return JSONResponse(api.error_body("engine thread is not running", None, "server_error"), status_code=503)
+        if not server.loop_thread.alive or server.llm.engine is None:
+            why = "the engine thread is not running" if not server.loop_thread.alive else "the engine is being rebuilt"
+            return JSONResponse(api.error_body(why, None, "server_error"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/stats")

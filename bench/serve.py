@@ -37,32 +37,20 @@ def get_json(url, timeout=5):
         return json.loads(r.read())
 
 
-@contextlib.contextmanager
-def server_process(ckpt, *args, script="serve.py", threads=1, startup_s=300, log=None):
-    """A serve.py process on a free localhost port; yields its base URL (http://127.0.0.1:PORT) once
-    /health answers. Killed (its own pid) on exit; its output goes to `log` (a path) or is dropped."""
+def start_server(ckpt, *args, script="serve.py", threads=1, log=None):
+    """A serve.py process (or a script wrapping it) on a free localhost port: (process, base URL, log file).
+    Its output goes to `log` (a path) or is dropped. Call wait_healthy before use, stop_server after."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     out = open(log, "w") if log else subprocess.DEVNULL
-    cmd = [sys.executable, os.path.join(ROOT, script) if not os.path.isabs(script) else script,
-           "--ckpt", ckpt, "--port", str(port), "--log-level", "warning", *args]
+    cmd = [sys.executable, os.path.join(ROOT, script), "--ckpt", ckpt, "--port", str(port), "--log-level", "warning",
+           *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, startup_s, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            out.close()
+    return proc, f"http://127.0.0.1:{port}", log
 
 
-def wait_healthy(proc, url, startup_s, log):
+def wait_healthy(server, startup_s=300):
+    proc, url, log = server
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -70,11 +58,32 @@ def wait_healthy(proc, url, startup_s, log):
             raise RuntimeError(f"server exited with {proc.returncode} during start-up\n{tail}")
         try:
             if get_json(url + "/health", timeout=2).get("status") == "ok":
-                return
+                return url
         except OSError:
             pass
         time.sleep(0.25)
     raise TimeoutError(f"server at {url} not healthy after {startup_s} s")
+
+
+def stop_server(server):
+    """Terminate our own process (by its handle), kill it if it does not stop."""
+    proc = server[0]
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def server_process(ckpt, *args, **kw):
+    """start_server + wait_healthy; yields the base URL, stops the server on exit."""
+    server = start_server(ckpt, *args, **kw)
+    try:
+        yield wait_healthy(server)
+    finally:
+        stop_server(server)
 
 
 def requests_for(clients, max_tokens, seed0=1000):
