@@ -35,8 +35,10 @@ class Sink:
     def __init__(self, loop):
         self.loop, self.queue = loop, asyncio.Queue()
 
-    def put(self, item):
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+def deliver(batch):
+    for sink, item in batch:
+        sink.queue.put_nowait(item)
 
 
 class EngineLoop:
@@ -49,6 +51,7 @@ class EngineLoop:
         self.llm = llm
         self.inbox = queue.SimpleQueue()
         self.live = {}  # request id -> (RequestState, Sink): engine thread only
+        self.outbox = []  # (sink, item) to hand to the event loop in one call per step
         self.counts = dict(added=0, finished=0, aborted=0, failed=0, engine_failures=0, steps=0)
         self.alive = True
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -68,10 +71,21 @@ class EngineLoop:
                 self._drain(block=not self.live and not self.llm.engine.has_unfinished())
                 if self.live or self.llm.engine.has_unfinished():
                     self._step()
+                self._flush()
         except BaseException:
             self.alive = False  # /health reports it; nothing can be served any more
             log.exception("engine thread died")
             raise
+
+    def _post(self, sink, item):
+        self.outbox.append((sink, item))
+
+    def _flush(self):
+        """One wake-up of the event loop per step, not one per request: with many streams the two threads
+        would otherwise trade the GIL for every token."""
+        if self.outbox:
+            batch, self.outbox = self.outbox, []
+            batch[0][0].loop.call_soon_threadsafe(deliver, batch)
 
     def _drain(self, block):
         while True:
@@ -86,7 +100,7 @@ class EngineLoop:
                     self.live[rid] = (self.llm.new_request(text, ids, params, request_id=rid), sink)
                     self.counts["added"] += 1
                 except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
-                    sink.put(("error", rid, e))
+                    self._post(sink, ("error", rid, e))
             elif cmd[0] == "abort" and cmd[1] in self.live:
                 del self.live[cmd[1]]
                 self.llm.engine.abort(cmd[1])
@@ -99,7 +113,7 @@ class EngineLoop:
             log.exception("engine step failed: failing %d request(s) and rebuilding the engine", len(self.live))
             self.counts["engine_failures"] += 1
             for rid, (_, sink) in self.live.items():
-                sink.put(("error", rid, RuntimeError("the engine failed while running this request")))
+                self._post(sink, ("error", rid, RuntimeError("the engine failed while running this request")))
             self.live = {}
             self.llm.rebuild_engine()
             return
@@ -124,18 +138,18 @@ class EngineLoop:
                 self._fail(rid, e)
                 continue
             if deltas:
-                sink.put(("deltas", rid, deltas))
+                self._post(sink, ("deltas", rid, deltas))
             if state.finished:
                 del self.live[rid]
                 self.counts["finished"] += 1
-                sink.put(("done", rid, state))
+                self._post(sink, ("done", rid, state))
 
     def _fail(self, rid, error):
         log.error("request %s failed: %s", rid, "".join(traceback.format_exception(error)))
         _, sink = self.live.pop(rid)
         self.llm.engine.abort(rid)
         self.counts["failed"] += 1
-        sink.put(("error", rid, RuntimeError(f"internal error while processing this request ({type(error).__name__})")))
+        self._post(sink, ("error", rid, RuntimeError(f"internal error while processing this request ({type(error).__name__})")))
 
 
 class Server:

@@ -2,12 +2,13 @@
 raw HTTP where the client would hide the wire): completions, chat, streaming, n > 1, stop strings,
 log-probs, seeds, errors in OpenAI's shape, client disconnects, a full queue, faults inside one request or
 the engine (tests/serve_faults.py), and the load test: 64 concurrent streaming clients x 200 tokens, each
-equal to the offline API's output for its seed, decoded in shared steps.
+equal to the offline API's output for its seed, decoded in shared steps, and its negative control (a
+server that serves one request at a time fails it).
 
-Two server processes (serve.py, and serve_faults.py with --max-pending 3) start together on a tiny random
-checkpoint with 512 positions. Cost: ~100 s on the 2-core dev box under a load average of ~10 (server
-start-up ~15 s, the load test ~50 s of it: the offline reference, the concurrent run, 4 requests one at a
-time)."""
+Three server processes start together on a tiny random checkpoint with 512 positions: serve.py,
+serve_faults.py --max-pending 3 and serve_faults.py --one-at-a-time. Cost: ~2 min on the 2-core dev box
+under a load average of ~12 (start-up ~35 s; the load test ~45 s: the offline reference, the concurrent
+run, 4 requests one at a time; the control ~10 s)."""
 import http.client
 import importlib.util
 import json
@@ -43,11 +44,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(ckpt, tmp_path_factory):
-    """Both servers started at once (start-up dominates), stopped at the end of the module."""
+    """serve.py, serve_faults.py and the one-at-a-time control, started at once (start-up dominates)."""
     logs = tmp_path_factory.mktemp("logs")
     started = [bench.start_server(ckpt, log=str(logs / "serve.log")),
                bench.start_server(ckpt, "--max-pending", "3", script="tests/serve_faults.py",
-                                  log=str(logs / "faults.log"))]
+                                  log=str(logs / "faults.log")),
+               bench.start_server(ckpt, "--one-at-a-time", script="tests/serve_faults.py", log=str(logs / "lock.log"))]
     try:
         yield [bench.wait_healthy(s) for s in started]
     finally:
@@ -63,6 +65,11 @@ def url(servers):
 @pytest.fixture(scope="module")
 def faulty(servers):
     return servers[1]
+
+
+@pytest.fixture(scope="module")
+def locked(servers):
+    return servers[2]
 
 
 @pytest.fixture(scope="module")
@@ -319,11 +326,21 @@ def test_an_engine_failure_fails_the_running_requests_and_the_server_recovers(fa
     assert got == expect(offline, "after", max_tokens=30, seed=2)[0].text
 
 
+def not_batched(m, clients, tokens):
+    """The load test's evidence of batching across clients; returns the criteria that failed."""
+    failed = []
+    if m["max_distinct_requests"] < clients // 2:
+        failed.append(f"at most {m['max_distinct_requests']} distinct requests in one decode step")
+    if m["decode_steps"] >= clients * tokens // 4:
+        failed.append(f"{m['decode_steps']} decode steps for {clients} x {tokens} tokens")
+    return failed
+
+
 def test_load_64_concurrent_streams(url, ckpt, offline):
     """64 concurrent streaming clients x 200 tokens (seeded, ignore_eos): every response completes, each
     with one response id and exactly its offline text (distinct prompts and seeds: a lost, duplicated or
-    mixed-up token would show); the engine ran requests of different clients in the same decode step (a
-    server serving one request at a time behind a lock has 1 here); and the aggregate rate beats the same
+    mixed-up token would show); the engine ran requests of different clients in the same decode steps
+    (the control below shows a one-at-a-time server fails this); and the aggregate rate beats the same
     requests sent one at a time."""
     m = bench.measure(url, ckpt, CLIENTS, LOAD_TOKENS, ONE_AT_A_TIME)
     want = offline.generate([r["prompt"] for r in m["reqs"]],
@@ -334,7 +351,14 @@ def test_load_64_concurrent_streams(url, ckpt, offline):
         assert got["text"] == w.outputs[0].text
     assert len({r["text"] for r in m["concurrent"]}) == CLIENTS
     assert [r["text"] for r in m["sequential"]] == [r["text"] for r in m["concurrent"][:ONE_AT_A_TIME]]
-    assert m["max_distinct_requests"] >= CLIENTS // 2, m["max_distinct_requests"]
-    assert m["decode_steps"] < CLIENTS * LOAD_TOKENS // 4  # shared steps, not one step per client token
+    assert not_batched(m, CLIENTS, LOAD_TOKENS) == []
     print("\n" + bench.table(m))
     assert m["concurrent_tok_s"] > 2 * m["sequential_tok_s"]
+
+
+def test_the_load_test_fails_a_one_at_a_time_server(locked, ckpt):
+    """The negative control: the same server behind a lock held for each whole request (8 clients x 30
+    tokens to keep it short) still answers correctly but fails both batching criteria."""
+    m = bench.measure(locked, ckpt, 8, 30, 2)
+    assert all(r["completion_tokens"] == 30 for r in m["concurrent"])
+    assert len(not_batched(m, 8, 30)) == 2 and m["max_distinct_requests"] == 1
