@@ -22,7 +22,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -443,7 +443,7 @@ class LLM:
             text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
         else:
             raise InvalidRequest(param, f"{param} must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
-        V = self.engine.cfg.vocab_size
+        V = self.net.config.vocab_size  # not the engine's: serve.py calls this while it may be rebuilt
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
             raise InvalidRequest(param, f"{param}: token ids must be integers in [0, {V})")
         if not ids:

@@ -116,8 +116,9 @@ def sampling_params(body, max_tokens, logprobs, renames):
     try:
         return SamplingParams(**kw)
     except InvalidRequest as e:
-        name = renames.get(e.param, e.param)
-        raise InvalidRequest(name, str(e).replace(e.param or "", name or "", 1)) from None
+        if e.param not in renames:
+            raise
+        raise InvalidRequest(renames[e.param], str(e).replace(e.param, renames[e.param], 1)) from None
 
 
 def check_room(server, prompts, max_tokens, field):

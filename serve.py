@@ -162,15 +162,21 @@ class Server:
         self.ids = itertools.count()
         self.started = time.time()
 
-    def admit(self, count):
+    def admit(self, count, param):
+        """count = samples (prompts x n): what memory in flight grows with."""
+        if not self.loop_thread.alive:
+            raise api.APIError(503, "the engine thread is not running", None, "server_error")
+        if count > self.max_pending:
+            raise InvalidRequest(param, f"{count} samples in one request; this server runs at most {self.max_pending}")
         if self.pending + count > self.max_pending:
             raise api.Overloaded(f"server busy: {self.pending} requests in flight (limit {self.max_pending}); retry later")
         self.pending += count
 
     def job(self, request, prompts, params, prefix):
         """Queue prompts x params.n samples as engine requests; returns the Job that follows them."""
-        self.admit(len(prompts))
-        job = Job(self, request, [f"{prefix}-{next(self.ids)}-{i}" for i in range(len(prompts))])
+        count = len(prompts) * params.n
+        self.admit(count, "n" if params.n > 1 else "prompt")
+        job = Job(self, request, [f"{prefix}-{next(self.ids)}-{i}" for i in range(len(prompts))], count)
         for rid, (text, ids) in zip(job.rids, prompts):
             self.loop_thread.add(rid, text, ids, params, job.sink)
         return job
@@ -187,8 +193,8 @@ class Job:
     """One HTTP request's engine requests. It closes once: when every one finished, or when its client went
     away (a watcher task waits for the disconnect), aborting whatever is still running."""
 
-    def __init__(self, server, request, rids):
-        self.server, self.rids, self.open = server, rids, set(rids)
+    def __init__(self, server, request, rids, count):
+        self.server, self.rids, self.open, self.count = server, rids, set(rids), count
         self.sink = Sink(asyncio.get_running_loop())
         self.closed = False
         self.watcher = asyncio.create_task(self._watch(request))
@@ -217,7 +223,7 @@ class Job:
         self.closed = True
         for rid in self.open:
             self.server.loop_thread.abort(rid)
-        self.server.pending -= len(self.rids)
+        self.server.pending -= self.count
         self.sink.queue.put_nowait(None)  # wakes a consumer waiting in events()
         if self.watcher is not asyncio.current_task():
             self.watcher.cancel()
@@ -284,7 +290,7 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one decode step")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-pending", type=int, default=1024,
-                    help="most prompts admitted at once (running or waiting); more get 503")
+                    help="most samples (prompts x n) admitted at once, running or waiting; more get 503")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)

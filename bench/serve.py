@@ -6,8 +6,10 @@ its full max_tokens and the two runs do the same work.
     python bench/serve.py --tiny                          # a tiny random checkpoint (CPU, ~1 min on 2 cores)
     python bench/serve.py --ckpt DIR --clients 64 --max-tokens 256 --sequential 8
 
-Prints a table: requests, tokens, wall time, aggregate tokens/s, the most distinct requests the engine
-ran in one decode step (from the server's /stats), and the ratio. The one-at-a-time rate is measured on
+Prints a table: requests, tokens, the engine's decode steps, wall time, aggregate tokens/s (the clients
+run in this process, on the same cores as the server), the most distinct requests the engine ran in one
+decode step (from the server's /stats), the ratio, and the same requests through LLM.generate in this
+process with no HTTP (the engine's own rate, for the server's overhead). The one-at-a-time rate is measured on
 the first --sequential requests (a rate, so a subset suffices). tests/test_serve.py's load test uses the
 functions here.
 """
@@ -125,27 +127,47 @@ async def run_clients(url, model, reqs, concurrent):
 
 
 def measure(url, model, clients, max_tokens, sequential):
-    """Concurrent run, then the one-at-a-time run on the first `sequential` requests; engine stats after
-    each from /stats. Returns a dict of everything the table and the test need."""
+    """Concurrent run, then the one-at-a-time run on the first `sequential` requests, with the engine's
+    counters (/stats) around each. Returns a dict of everything the table and the test need."""
     reqs = requests_for(clients, max_tokens)
-    before = get_json(url + "/stats")["engine"]
+    steps = lambda: get_json(url + "/stats")["engine"]
+    s0 = steps()
     conc, conc_wall = asyncio.run(run_clients(url, model, reqs, concurrent=True))
-    stats = get_json(url + "/stats")["engine"]
+    s1 = steps()
     seq, seq_wall = asyncio.run(run_clients(url, model, reqs[:sequential], concurrent=False))
+    s2 = steps()
     tokens = lambda rs: sum(r["completion_tokens"] or 0 for r in rs)
     return dict(reqs=reqs, concurrent=conc, concurrent_wall=conc_wall, concurrent_tok_s=tokens(conc) / conc_wall,
                 sequential=seq, sequential_wall=seq_wall, sequential_tok_s=tokens(seq) / seq_wall,
-                max_distinct_requests=stats["max_distinct_requests"],
-                decode_steps=stats["decode_steps"] - before["decode_steps"])
+                max_distinct_requests=s1["max_distinct_requests"], decode_steps=s1["decode_steps"] - s0["decode_steps"],
+                sequential_decode_steps=s2["decode_steps"] - s1["decode_steps"])
+
+
+def offline_rate(ckpt, reqs, threads):
+    """The same requests through LLM.generate in this process (no HTTP): (tokens/s, wall seconds)."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from llm import LLM, SamplingParams
+    torch.set_num_threads(threads)
+    llm = LLM(ckpt)
+    t0 = time.perf_counter()
+    outs = llm.generate([r["prompt"] for r in reqs], [SamplingParams(seed=r["seed"], max_tokens=r["max_tokens"],
+                                                                     ignore_eos=True) for r in reqs], use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return sum(len(o.outputs[0].token_ids) for o in outs) / wall, wall
 
 
 def table(m):
-    rows = [("concurrent", len(m["concurrent"]), sum(r["completion_tokens"] for r in m["concurrent"]),
+    conc, seq = m["concurrent"], m["sequential"]
+    rows = [("concurrent", len(conc), sum(r["completion_tokens"] for r in conc), m["decode_steps"],
              m["concurrent_wall"], m["concurrent_tok_s"]),
-            ("one at a time", len(m["sequential"]), sum(r["completion_tokens"] for r in m["sequential"]),
+            ("one at a time", len(seq), sum(r["completion_tokens"] for r in seq), m.get("sequential_decode_steps", ""),
              m["sequential_wall"], m["sequential_tok_s"])]
-    lines = ["| mode | requests | tokens | wall s | tokens/s |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {n} | {tok} | {wall:.2f} | {rate:,.0f} |" for name, n, tok, wall, rate in rows]
+    if "offline_tok_s" in m:
+        rows.append(("offline LLM.generate, no HTTP", len(conc), sum(r["completion_tokens"] for r in conc), "",
+                     m["offline_wall"], m["offline_tok_s"]))
+    lines = ["| mode | requests | tokens | decode steps | wall s | tokens/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {n} | {tok} | {st} | {wall:.2f} | {rate:,.0f} |" for name, n, tok, st, wall, rate in rows]
     lines.append(f"speed-up {m['concurrent_tok_s'] / m['sequential_tok_s']:.1f}x; most distinct requests in one "
                  f"decode step: {m['max_distinct_requests']}; load average {os.getloadavg()[0]:.1f}")
     return "\n".join(lines)
@@ -168,6 +190,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--sequential", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
+    ap.add_argument("--no-offline", action="store_true", help="skip the in-process LLM.generate row")
     ap.add_argument("--server-args", default="", help="extra serve.py flags, e.g. '--max-num-seqs 128'")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +200,8 @@ def main():
                                                                  log=os.path.join(tmp, "server.log")))
             model = get_json(url + "/v1/models")["data"][0]["id"]
             m = measure(url, model, args.clients, args.max_tokens, args.sequential)
+        if not args.url and not args.no_offline:
+            m["offline_tok_s"], m["offline_wall"] = offline_rate(ckpt, m["reqs"], args.threads)
     print(f"{args.clients} streaming clients x {args.max_tokens} tokens, ckpt {args.ckpt or 'tiny (tests/fixtures.py)'}")
     print(table(m))
 

@@ -13,7 +13,7 @@ import pytest
 import llm as L
 from engine import StepOutput
 from fixtures import tiny_checkpoint
-from test_sample import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_sample import one_thread  # noqa: F401,F811  (autouse: one intra-op thread)
 from llm import LLM, InvalidRequest, SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ import pytest
 
 from fixtures import tiny_checkpoint
 from llm import LLM, SamplingParams
-from test_sample import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_sample import one_thread  # noqa: F401,F811  (autouse: one intra-op thread)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "bench", "serve.py"))
@@ -278,12 +278,15 @@ def test_tokens_stream_while_running_and_a_disconnect_frees_the_blocks(url, ckpt
 
 
 def test_full_queue_gets_503_and_recovers(faulty, ckpt):
-    """--max-pending 3: three prompts in flight, the next request gets 503 (OpenAI error shape, Retry-After);
-    once those clients leave, requests are served again."""
-    held = [open_stream(faulty, dict(model=ckpt, prompt=f"hold {i}", max_tokens=400, ignore_eos=True))
-            for i in range(3)]
+    """--max-pending 3 counts samples (prompts x n): with 2 + 1 samples streaming, the next request gets
+    503 (OpenAI error shape, Retry-After); a request that alone exceeds the limit gets 400 naming n; once
+    the streaming clients leave, requests are served again."""
+    held = [open_stream(faulty, dict(model=ckpt, prompt=f"hold {n}", n=n, max_tokens=400, ignore_eos=True))
+            for n in (2, 1)]
     status, data, headers = post(faulty, "/v1/completions", dict(model=ckpt, prompt="one more", max_tokens=4))
     assert status == 503 and data["error"]["type"] == "server_overloaded" and headers.get("retry-after") == "1"
+    status, data, _ = post(faulty, "/v1/completions", dict(model=ckpt, prompt="big", n=4, max_tokens=4))
+    assert status == 400 and data["error"]["param"] == "n"
     for conn, _ in held:
         conn.sock.close()
         conn.close()
