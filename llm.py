@@ -17,6 +17,7 @@ top-N alternatives. serve.py feeds the same RequestState from its engine thread,
 streams exactly the text this file returns for it.
 """
 import functools
+import gc
 import itertools
 import json
 import os
@@ -52,7 +53,9 @@ class SamplingParams:
       `logprobs`. A sampled token outside the top-N has rank None (vLLM ranks it in the whole vocabulary).
     - without `seed`, a request of LLM(seed=s) draws a seed from a generator seeded with s (reproducible
       per script); a server request without seed gets a random one.
-    - a seeded sample depends on (seed, sample index, position) only, not on the prompt or the batch.
+    - a seeded sample's random draws are keyed by (seed, sample index, position) only, so they do not
+      depend on the batch (two prompts with one seed share a random stream, as vLLM's per-request
+      generators do).
     - stop strings: the earliest match in the text wins (vLLM: the first in list order that matches).
     - presence/frequency/repetition penalties, min_p, min_tokens and prompt_logprobs are not implemented:
       they are accepted at their neutral values only, anything else is refused.
@@ -389,7 +392,8 @@ class LLM:
     vLLM's arguments: dtype ("auto": bfloat16 on CUDA, float16 if the config says so; float32 elsewhere),
     seed, max_model_len, max_num_seqs, gpu_memory_utilization (CUDA: share of free memory for the KV
     pool), kv_cache_memory_bytes (the pool's size in bytes; default on CPU 512 MiB), block_size,
-    max_num_batched_tokens (prefill tokens per step), enforce_eager (no CUDA graphs). Ours: device."""
+    max_num_batched_tokens (prefill tokens per step), enforce_eager (no CUDA graphs). Ours: device.
+    The engine belongs to this object: one generate/chat at a time (serve.py drives it from one thread)."""
 
     def __init__(self, model, tokenizer=None, *, dtype="auto", seed=0, max_model_len=None, max_num_seqs=256,
                  gpu_memory_utilization=0.9, kv_cache_memory_bytes=None, block_size=16,
@@ -429,6 +433,7 @@ class LLM:
     def rebuild_engine(self):
         """A fresh engine (empty pool) after the old one failed; the old pool is freed first."""
         self.engine = None
+        gc.collect()  # the old engine's reference cycles, so that its pool is really freed
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.engine = E.Engine(self.net, **self.engine_kwargs)

@@ -44,7 +44,7 @@ def deliver(batch):
 class EngineLoop:
     """The one thread that touches the engine. Others talk to it through `inbox` (add, abort) and hear back
     through each request's Sink: ("deltas", request_id, [Delta]), ("done", request_id, RequestState) or
-    ("error", request_id, message). A failure inside one request's processing fails that request only; a
+    ("error", request_id, exception). A failure inside one request's processing fails that request only; a
     failure of the engine step fails the requests in flight and the engine is rebuilt empty."""
 
     def __init__(self, llm: LLM):
@@ -107,14 +107,17 @@ class EngineLoop:
                 self.counts["aborted"] += 1
 
     def _step(self):
+        outputs = None
         try:
             outputs = self.llm.engine.step()
         except Exception:  # noqa: BLE001
             log.exception("engine step failed: failing %d request(s) and rebuilding the engine", len(self.live))
+        if outputs is None:  # outside the except block: its traceback would keep the old engine (and pool) alive
             self.counts["engine_failures"] += 1
             for rid, (_, sink) in self.live.items():
                 self._post(sink, ("error", rid, RuntimeError("the engine failed while running this request")))
             self.live = {}
+            self._flush()  # the clients hear it before the (slow, on CUDA) rebuild
             self.llm.rebuild_engine()
             return
         self.counts["steps"] += 1
@@ -158,7 +161,7 @@ class Server:
     def __init__(self, llm, model_name, max_pending):
         self.llm, self.model_name, self.max_pending = llm, model_name, max_pending
         self.loop_thread = EngineLoop(llm)
-        self.pending = 0  # engine requests admitted and not closed (event loop side)
+        self.pending = 0  # samples admitted whose Job has not closed (event loop side)
         self.ids = itertools.count()
         self.started = time.time()
 
@@ -169,7 +172,7 @@ class Server:
         if count > self.max_pending:
             raise InvalidRequest(param, f"{count} samples in one request; this server runs at most {self.max_pending}")
         if self.pending + count > self.max_pending:
-            raise api.Overloaded(f"server busy: {self.pending} requests in flight (limit {self.max_pending}); retry later")
+            raise api.Overloaded(f"server busy: {self.pending} samples in flight (limit {self.max_pending}); retry later")
         self.pending += count
 
     def job(self, request, prompts, params, prefix):
