@@ -399,7 +399,8 @@ class LLM:
                  gpu_memory_utilization=0.9, kv_cache_memory_bytes=None, block_size=16,
                  max_num_batched_tokens=None, enforce_eager=False, device=None):
         if not os.path.isdir(model):
-            raise InvalidRequest("model", f"LLM: model must be a local checkpoint folder; {model!r} is not one")
+            raise InvalidRequest("model", f"LLM: model must be a local checkpoint folder; {model!r} is not one "
+                                          f"(a Hub model: `hf download {model} --local-dir DIR` first)")
         self.model_path = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = M.Tokenizer.from_pretrained(tokenizer or model)

@@ -25,6 +25,7 @@ import traceback
 
 import openai_api as api
 from llm import LLM, InvalidRequest
+from model import CheckpointError
 
 log = logging.getLogger("serve")
 
@@ -300,9 +301,13 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
-    llm = LLM(args.ckpt, dtype=args.dtype, device=args.device, seed=None, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              kv_cache_memory_bytes=args.kv_cache_memory, block_size=args.block_size, enforce_eager=args.enforce_eager)
+    try:
+        llm = LLM(args.ckpt, dtype=args.dtype, device=args.device, seed=None, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                  kv_cache_memory_bytes=args.kv_cache_memory, block_size=args.block_size,
+                  enforce_eager=args.enforce_eager)
+    except (InvalidRequest, CheckpointError) as e:
+        ap.error(str(e))
     server = Server(llm, args.served_model_name or args.ckpt, args.max_pending)
     log.info("serving %s on http://%s:%d (max_model_len %d, %d KV blocks of %d, device %s)", server.model_name,
              args.host, args.port, llm.max_model_len, llm.engine.num_blocks, args.block_size, llm.device)

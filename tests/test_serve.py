@@ -261,7 +261,8 @@ def wait_for(cond, what, timeout=60):
 
 def test_tokens_stream_while_running_and_a_disconnect_frees_the_blocks(url, ckpt):
     """Tokens reach the client while the request still runs (it is live in the engine after the first
-    chunks); closing the connection aborts it: its KV blocks return to the pool long before its 400 tokens."""
+    chunks); closing the connection aborts it: its KV blocks return to the pool long before its 400 tokens.
+    The same for a non-streamed request."""
     before = stats(url)
     conn, resp = open_stream(url, dict(model=ckpt, prompt="long", max_tokens=400, seed=1, ignore_eos=True))
     for _ in range(3):
@@ -275,6 +276,20 @@ def test_tokens_stream_while_running_and_a_disconnect_frees_the_blocks(url, ckpt
     assert after["server"]["aborted"] == before["server"]["aborted"] + 1
     assert after["kv_blocks"]["free"] == after["kv_blocks"]["total"] and after["server"]["pending"] == 0
     assert after["engine"]["tokens_generated"] - before["engine"]["tokens_generated"] < 400
+    # the same for a request that is not streamed: its client leaves while it runs
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps(dict(model=ckpt, prompt="long", max_tokens=400,
+                                                                 ignore_eos=True)),
+                 headers={"Content-Type": "application/json"})
+    wait_for(lambda: stats(url)["server"]["live"] == 1, "the request to run")
+    conn.sock.close()
+    conn.close()
+    wait_for(lambda: stats(url)["server"]["live"] == 0, "the abort")
+    last = stats(url)
+    assert last["server"]["aborted"] == after["server"]["aborted"] + 1 and last["server"]["pending"] == 0
+    assert last["engine"]["tokens_generated"] - after["engine"]["tokens_generated"] < 400
+    assert last["kv_blocks"]["free"] == last["kv_blocks"]["total"]
 
 
 def test_full_queue_gets_503_and_recovers(faulty, ckpt):
