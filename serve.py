@@ -269,6 +269,11 @@ def build_app(server: Server):
     async def models():
         return api.models_response(server.model_name, server.started, server.llm.max_model_len)
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        api.check_model(server, {"model": model})
+        return api.models_response(server.model_name, server.started, server.llm.max_model_len)["data"][0]
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await api.handle(server, request, chat=False)

@@ -110,6 +110,9 @@ def expect(offline, prompt, **kw):
 def test_models_and_health(url, ckpt):
     models = client_for(url).models.list().data
     assert [m.id for m in models] == [ckpt] and models[0].max_model_len == 512
+    assert client_for(url).models.retrieve(ckpt).id == ckpt
+    with pytest.raises(openai.NotFoundError):
+        client_for(url).models.retrieve("gpt-4")
     assert bench.get_json(url + "/health") == {"status": "ok"}
 
 
@@ -332,7 +335,7 @@ def test_an_engine_failure_fails_the_running_requests_and_the_server_recovers(fa
     """A fault in the engine step fails the requests in flight (a streaming one gets an error event); the
     engine is rebuilt empty and the next seeded request equals the offline API's output."""
     c = client_for(faulty)
-    conn, resp = open_stream(faulty, dict(model=ckpt, prompt="victim", max_tokens=300, ignore_eos=True))
+    conn, resp = open_stream(faulty, dict(model=ckpt, prompt="victim", max_tokens=450, ignore_eos=True))
     status, data, _ = post(faulty, "/v1/completions", dict(model=ckpt, prompt="CRASH-ENGINE", max_tokens=5))
     assert status == 500
     rest = rest_of_stream(resp)
