@@ -469,7 +469,7 @@ class LLM:
             self.engine.add_request(request_id, ids, params.to_engine(max_tokens, seed))
         except ValueError as e:  # the engine names the field in its message
             raise InvalidRequest(None, str(e)) from e
-        return RequestState(request_id, text, ids, params, self.tokenizer, self.engine.eos_ids)
+        return RequestState(request_id, text, ids, params, self.tokenizer, self.tokenizer.eos_token_ids)
 
     def drive(self, states, progress=None):
         """Step the engine until every state is finished. A stop string aborts its sample in the engine."""
