@@ -299,11 +299,12 @@ class ModelRunner:
         h = self.model(ids, pos, meta, (self.k_cache, self.v_cache))
         return self.model.logits(h)
 
-    @staticmethod
-    def _top_logprobs(logits, temperature, n):
-        """The n most likely tokens of log_softmax(logits / T) (T = 1 for greedy rows), as the sampler's log-probs."""
+    def _top_logprobs(self, logits, temperature, n):
+        """The n most likely tokens of log_softmax(logits / T) (T = 1 for greedy rows), as the sampler's log-probs
+        (normalised over the whole vocabulary, as those are), among the ids the sampler may draw (< vocab_limit)."""
         t = torch.where(temperature > 0, temperature, 1.0)
-        values, ids = torch.log_softmax(logits.float() / t[:, None], dim=-1).topk(n, dim=-1)
+        logprobs = torch.log_softmax(logits.float() / t[:, None], dim=-1)
+        values, ids = logprobs[:, :self.vocab_limit].topk(n, dim=-1)
         return ids, values
 
     @torch.no_grad()

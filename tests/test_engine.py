@@ -213,6 +213,32 @@ def test_top_logprobs_match_float64_reference(tiny):
                                        logp.gather(-1, torch.tensor(g["tokens"])[:, None])[:, 0], rtol=0, atol=1e-5)
 
 
+def test_top_logprobs_never_list_ids_past_the_vocab_limit(tiny):
+    """With vocab_limit (the tokenizer's size; the embedding has padding rows past it), the top-N lists hold
+    only ids the sampler may draw, even at a step where the padding rows hold nearly all the mass; values stay normalised
+    over the whole vocabulary, like the sampled token's log-prob."""
+    prompt = prompts_of([9], seed=31)[0]
+    V, limit = tiny.config.vocab_size, tiny.config.vocab_size - 6
+    with torch.no_grad():
+        saved = tiny.lm_head.weight[limit:].clone()
+        tiny.lm_head.weight[limit:] = tiny.lm_head.weight[:limit].abs().max() * 50  # padding rows win every step
+    try:
+        eng = Engine(tiny, block_size=4, num_blocks=40, vocab_limit=limit)
+        eng.add_request("a", prompt, SamplingParams(max_tokens=5, temperature=1.0, logprobs=4, seed=1, ignore_eos=True))
+        g = run_steps(eng)[("a", 0)]
+        assert all(t < limit for t in g["tokens"])
+        assert all(len(t) == 4 and all(i < limit for i, _ in t) for t in g["top"])
+        logp = torch.log_softmax(full_logits(tiny, prompt, g["tokens"]), -1)
+        assert V > limit and bool((logp[:, limit:].exp().sum(-1) > 0.5).any())  # padding rows hold the mass at a step
+        want_v, want_i = logp[:, :limit].topk(4, -1)
+        assert torch.equal(torch.tensor([[i for i, _ in t] for t in g["top"]]), want_i)
+        torch.testing.assert_close(torch.tensor([[v for _, v in t] for t in g["top"]], dtype=torch.float64), want_v,
+                                   rtol=1e-5, atol=1e-5)  # float32 at logits ~100: relative precision
+    finally:
+        with torch.no_grad():
+            tiny.lm_head.weight[limit:] = saved
+
+
 # --------------------------------------------------------------------------- abort
 
 def test_abort_frees_blocks_everywhere(tiny):
