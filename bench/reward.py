@@ -10,6 +10,9 @@ Benchmark and real-data check for reward.py.
       through Grader at each worker count, also with an answer that hangs sympy.
   python bench/reward.py --grade rows.jsonl [--workers 4] [--timeout 5] [--no-think]
       grade a JSONL file of {response, answer} rows and print the accuracy (same as python reward.py FILE).
+  python bench/reward.py --corpus tests/data/reward_corpus.jsonl [--show]
+      agreement with answer-equivalence cases collected from public graders' test suites: each
+      (prediction, gold, verdict) boxed in two R1-style responses (with <think>, and with only </think>).
 """
 import argparse
 import glob
@@ -22,7 +25,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grader as G  # noqa: E402
 import reward as R  # noqa: E402
+import symbolic  # noqa: E402
+from fractions import Fraction  # noqa: E402
 
 
 def load_golds(data_dir):
@@ -43,17 +49,17 @@ def model_writes(g):
 
 def number(s):
     """(Fraction, written as a decimal) for a rational constant answer, else None."""
-    n = R._number(R._norm(s))
-    if n is None or len(n[0]) != 1 or not isinstance(n[0][0], R.Fraction):
+    n = G._number(G.normalize(s).replace(G.THOUSANDS, ""))
+    if n is None or len(n.vals) != 1 or not isinstance(n.vals[0], Fraction):
         return None
-    return n[0][0], n[1], n[2]
+    return n.vals[0], n.inexact, n.pct
 
 
 def _value(s):
     """Independent numeric reading of a gold (raw parse_latex, no normalisation), or None."""
     s = s.split("=")[-1]  # "x=5" is the answer 5
     try:
-        sp = R._load_sympy()
+        sp = symbolic.load()
         v = complex(sp.parse_latex_(s).xreplace(
             {sp.Symbol("pi"): sp.pi}).evalf(30))
         return v
@@ -74,7 +80,9 @@ def really_differs(a, golds_b):
 
 def restyled(s):
     """The same answer written the way models also write it."""
-    out = [s.replace("\\frac", "\\dfrac"), s.replace(",", ", ")]
+    out = [s.replace("\\frac", "\\dfrac")]
+    if G.THOUSANDS not in G.normalize(s):  # 58,500 is a number; 58, 500 would be a list
+        out.append(s.replace(",", ", "))
     n = number(s)
     if n and "%" not in s:
         out.append(f"x = {s}")
@@ -102,9 +110,9 @@ def near_misses(s):
             out.append(f"-({s})")
         if v not in (0, 1, -1):
             out.append(f"\\frac{{1}}{{{s}}}")
-    node = R._struct(R._norm(s))
+    node = G._struct(G.normalize(s))
     if node[0] == "seq" and len(node[2]) >= 2:
-        ns = R._norm(s)
+        ns = G.normalize(s)
         out.append({"(": "[", "[": "("}[ns[0]] + ns[1:])
         if node[2][::-1] != node[2] and node[1] == "()" and not all(x[0] == "elem" and number(x[1])
                                                                      is None for x in node[2]):
@@ -119,7 +127,7 @@ def near_misses(s):
 def check_golds(data_dir):
     failures, n_right, n_wrong, n_near = [], 0, 0, 0
     for name, rows in load_golds(data_dir).items():
-        golds = [R._gold_strings(g) for g in rows]
+        golds = [R.gold_strings(g) for g in rows]
         for i, gl in enumerate(golds):
             for g in gl:  # each acceptable form, boxed, earns 1.0
                 resp = f"Reasoning...</think>\nSo the answer is $\\boxed{{{model_writes(g)}}}$."
@@ -149,6 +157,52 @@ def check_golds(data_dir):
     for f in failures:
         print("  FAIL", f)
     return failures
+
+# ----------------------------------------------------------------------------------------------
+# the answer-equivalence corpus (tests/data/reward_corpus.jsonl; tests/test_reward_corpus.py uses this too)
+
+REASONING = ("Okay, let me work through this. First I set up the equations and simplify. Wait, let me "
+             "double-check the arithmetic: that gives \\boxed{17} as a tentative value, but no, I made an error. "
+             "Recomputing carefully, everything is consistent now.")
+
+
+def r1_responses(pred):
+    """The prediction as a distilled R1 model ends its answer, in both chat-template styles: the response
+    opens with <think> itself, or the template opened it and the response has only </think>."""
+    body = pred if "\\boxed" in pred else f"\\boxed{{{pred}}}"
+    return [f"<think>\n{REASONING}\n</think>\n\nWe solve step by step.\n\n**Final Answer**\n\\[\n{body}\n\\]",
+            f"{REASONING}\n</think>\n\nTherefore, the final answer is ${body}$."]
+
+
+def corpus_agreement(path, grade):
+    """grade(responses, golds) -> rewards. Returns (rows, per-row list of agreeing response styles)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    responses = [r for row in rows for r in r1_responses(row["pred"])]
+    rewards = grade(responses, [row["gold"] for row in rows for _ in range(2)])
+    return rows, [[(rewards[2 * i + k] == 1.0) == row["same"] for k in range(2)] for i, row in enumerate(rows)]
+
+
+def corpus_report(path, workers, timeout, show):
+    t = time.perf_counter()
+    with R.Grader(num_workers=workers, timeout=timeout) as g:
+        rows, agree = corpus_agreement(path, g.grade)
+        health = g.health()
+    print(f"corpus {path}: {len(rows)} cases x 2 response styles, graded in {time.perf_counter() - t:.1f} s {health}")
+    groups = {}
+    for row, ok in zip(rows, agree):
+        for key in ("all", "split " + row["split"], "source " + row["source"], "kind " + row["kind"]):
+            groups.setdefault(key, []).extend(ok)
+    print(f"| {'group':32s} | responses | agree | % |\n|---|---|---|---|")
+    for key in sorted(groups, key=lambda k: (k != "all", k.split()[0] != "split", k)):
+        v = groups[key]
+        print(f"| {key:32s} | {len(v):5d} | {sum(v):5d} | {100 * sum(v) / len(v):5.1f} |")
+    if show:
+        for row, ok in zip(rows, agree):
+            if not all(ok):
+                print(f"  DISAGREE [{row['split']}/{row['source']}] pred {row['pred']!r} gold {row['gold']!r} "
+                      f"want {row['same']} (styles agreeing {sum(ok)}/2)")
+    return groups
 
 # ----------------------------------------------------------------------------------------------
 
@@ -188,7 +242,7 @@ def nearby(rng, g, golds):
         return f"\\frac{{{n[0].numerator + rng.randint(1, 3)}}}{{{n[0].denominator}}}"
     if rng.random() < 0.5:
         return g + "+1"  # a symbolic slip
-    return model_writes(R._gold_strings(rng.choice(golds))[0])
+    return model_writes(R.gold_strings(rng.choice(golds))[0])
 
 
 def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
@@ -197,7 +251,7 @@ def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
     responses, answers = [], []
     for _ in range(n_prompts):
         gold = rng.choice(golds)
-        g = model_writes(R._gold_strings(gold)[0])
+        g = model_writes(R.gold_strings(gold)[0])
         p_right = rng.random()
         mistakes = [nearby(rng, g, golds) for _ in range(rng.randint(1, 3))]
         for _ in range(group):
@@ -220,14 +274,14 @@ BUILTIN_GOLDS = [str(n) for n in (3, 7, 12, 25, 36, 48, 100, 113, 204, 315, 601,
 
 def bench(data_dir, batches, worker_counts, timeout):
     if os.path.isdir(data_dir):
-        golds = [g for rows in load_golds(data_dir).values() for g in rows if R._gold_strings(g)]
+        golds = [g for rows in load_golds(data_dir).values() for g in rows if R.gold_strings(g)]
     else:
         golds = BUILTIN_GOLDS
     rng = random.Random(0)
     resp, ans = make_batch(rng, golds)
     chars = sum(map(len, resp)) / len(resp)
     print(f"batch: {len(resp)} responses, mean {chars:.0f} chars")
-    R._sympy_equal("\\sin^2x+\\cos^2x+e^{0}", "2")  # load sympy outside the timing
+    R.is_equiv("\\sin^2x+\\cos^2x+e^{0}", "2")  # boot the shared sympy worker outside the timing
     t = time.perf_counter()
     single = [R.reward(r, a) for r, a in zip(resp, ans)]
     dt = time.perf_counter() - t
@@ -275,6 +329,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-golds", metavar="DIR")
     ap.add_argument("--grade", metavar="JSONL", help="grade {response, answer} rows and print the accuracy")
+    ap.add_argument("--corpus", metavar="JSONL", help="agreement on (pred, gold, same) cases; --show lists disagreements")
+    ap.add_argument("--show", action="store_true")
     ap.add_argument("--no-think", action="store_true", help="with --grade: responses have no </think>")
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/train"),
                     help="golds for the throughput batches (a built-in representative list when absent)")
@@ -284,6 +340,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.check_golds:
         sys.exit(1 if check_golds(args.check_golds) else 0)
+    if args.corpus:
+        sys.exit(0 if corpus_report(args.corpus, args.workers[0], args.timeout, args.show) else 1)
     if args.grade:
         sys.exit(R.grade_file(args.grade, args.timeout, args.workers[0] if len(args.workers) == 1 else None,
                             not args.no_think))
