@@ -11,6 +11,7 @@ Results are tri-state: True, False, or None = "only sympy can decide". Every lay
 over MAX_ANSWER characters are refused, powers and running products are size-checked before they are
 computed, structures are depth- and size-capped. No torch, no processes, nothing from reward.py.
 """
+import collections
 import decimal
 import functools
 import itertools
@@ -21,65 +22,12 @@ import re
 from decimal import Decimal
 from fractions import Fraction
 
-MAX_BOX = 4000      # a \boxed{} longer than this is not an answer (and scanning it costs time)
 MAX_ANSWER = 1000   # normalised answers longer than this are refused
 MAX_DIGITS = 5000   # refuse to evaluate a power with more digits than this ...
 MAX_BITS = 20000    # ... or any exact intermediate value larger than this (a long product of big powers)
 GOLD_TOL = Fraction(1, 10**4)  # relative tolerance against a gold written as a decimal (a measurement)
 LONG_DECIMAL = 10   # a decimal with this many significant digits stands for the exact value it rounds
 THOUSANDS = "\x01"  # marks a comma that may be a thousands separator (58,500) until the reading is chosen
-
-# ----------------------------------------------------------------------------------------------
-# boxed answers (shared with reward.extract_answer)
-
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-_GAP_NOISE = re.compile(r"\$|\\[()\[\]]|\\(?:quad|qquad|text|textbf|mathrm|mbox)(?![a-zA-Z])|\\[,;:! ]|[{}~]|\s+")
-
-
-def _box_at(text, start):
-    """(content, end) of the \\boxed/\\fbox at start; None if unterminated, empty or absurdly long."""
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":  # "\boxed 5": TeX takes the next token
-        m = re.match(r"[^\s$]+", text[i:i + 100])
-        return (m.group(0), i + m.end()) if m else None
-    depth, window = 0, text[i:i + MAX_BOX]
-    for m in re.finditer(r"\\.|[{}]", window, re.S):  # \{ and \} are literal braces, not groups
-        if m.group(0) == "{":
-            depth += 1
-        elif m.group(0) == "}":
-            depth -= 1
-            if depth == 0:
-                content = window[1:m.start()].strip()
-                return (content, i + m.end()) if content else None
-    return None
-
-
-def boxed_answer(text):
-    """The last \\boxed{...} of text, joined with the boxes just before it when only a connector separates
-    them ("\\boxed{-2} and \\boxed{1}" is the answer -2, 1); None when there is no complete box."""
-    starts = [m.start() for m in _BOX.finditer(text)][-16:]
-    if not starts:
-        return None
-    last = _box_at(text, starts[-1])
-    if last is None:
-        return None
-    parts, nxt = [last[0]], starts[-1]
-    for s in reversed(starts[:-1]):
-        box = _box_at(text, s)
-        if box is None or box[1] > nxt:  # nested in the one after it
-            break
-        if nxt - box[1] > 400:
-            break
-        gap = _GAP_NOISE.sub(" ", text[box[1]:nxt]).strip()
-        if len(gap) > 40 or re.search(r"[.:!?]|\n", gap) or not re.search(r"^$|^[,;&]|[,;&]$|\b(?:and|or)\b", gap):
-            break
-        parts.insert(0, box[0])
-        nxt = s
-    return ", ".join(parts)
 
 # ----------------------------------------------------------------------------------------------
 # 1. normalisation
@@ -91,7 +39,7 @@ _UNICODE = {"π": "\\pi ", "√": "\\sqrt ", "−": "-", "–": "-", "×": "\\ti
 _UNICODE = {ord(k): v for k, v in _UNICODE.items()}
 _SUBS = [  # (pattern, replacement), in order
     (r"(?<!\\)\\\\(?=[a-zA-Z]{2})", r"\\"),  # \\frac (a doubled backslash, as escaped sources store it) is \frac
-    (r"\\(?:boxed|fbox)(?![a-zA-Z])", ""),   # a box left inside a box
+    (r"\\(?:boxed|fbox)(?![a-zA-Z])", ""),   # a box inside the answer: its braces group
     (r",\\!\s*(?=\d{3}(?!\d))", THOUSANDS), (r"\{,\}(?=\d{3}(?!\d))", THOUSANDS),  # 10,\!080 and 10{,}080
     (r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\.?", ""),
     (r"\\(?:displaystyle|textstyle|quad|qquad)(?![a-zA-Z])", " "),
@@ -146,6 +94,9 @@ def _strip_text(s):
     return s
 
 
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?\.?")
+
+
 def _mixed(m):
     sign, whole, num, den = m.groups()
     if not 0 < int(num) < int(den):
@@ -153,18 +104,16 @@ def _mixed(m):
     return f"{sign}({whole}+\\frac{{{num}}}{{{den}}})"
 
 
-def _unwrap_boxed(s):
-    return boxed_answer(s) or s if _BOX.search(s) else s
-
-
 def normalize(s):
     """Canonical LaTeX string: no spacing, no \\left, no $, no units, \\frac12 -> \\frac{1}{2}, ..."""
-    if not isinstance(s, str):
-        return ""
-    s = s.strip()
-    if len(s) > MAX_ANSWER:
-        return ""
-    s = _unwrap_boxed(s.translate(_UNICODE))
+    return _normalize(s.strip()) if isinstance(s, str) and len(s.strip()) <= MAX_ANSWER else ""
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a gold is normalised once per group, not once per answer
+def _normalize(s):
+    if _PLAIN_NUMBER.fullmatch(s):  # most answers: nothing to clean
+        return s.rstrip(".")
+    s = s.translate(_UNICODE)
     m = re.fullmatch(r"\(([A-E])\)\s*[^()]*|([A-E])\s+[A-Z][a-z]{2,}", s)  # "(D) Alina": multiple choice
     if m:
         return m.group(1) or m.group(2)
@@ -185,8 +134,11 @@ def normalize(s):
     s = re.sub(r"\\frac ?" + cmd + r" ?\{", r"\\frac{\1}{", s)                 # \frac9{19}
     s = re.sub(r"(\d)_\{(\d+)\}", r"\1_\2", s)                                 # 52_{8} -> 52_8
     s = s.rstrip(".").strip(",")
-    if s.startswith("{") and _group_end(s) == len(s) and len(_split_top(s[1:-1], ",")) > 1:
-        s = "\\{" + s[1:-1] + "\\}"                                            # {-5, 5}: a set
+    while s.startswith("{") and _group_end(s) == len(s):  # {-5, 5} is a set; {7} (a box's braces) is 7
+        if len(_split_top(s[1:-1], ",")) > 1:
+            s = "\\{" + s[1:-1] + "\\}"
+            break
+        s = s[1:-1]
     m = re.fullmatch(r"\(([A-E])\)", s)                                        # multiple choice (C) -> C
     return m.group(1).upper() if m else s
 
@@ -197,6 +149,8 @@ def normalize(s):
 def _split_top(s, sep):
     """Split s at occurrences of sep outside any bracket; ( and [ both open, ) and ] both close
     (intervals mix them); \\{ \\} are set braces; other \\commands are skipped whole."""
+    if sep not in s:
+        return [s]
     parts, depth, start, i, n = [], 0, 0, 0, len(s)
     while i < n:
         if depth == 0 and s.startswith(sep, i) and not (sep[-1].isalpha() and s[i + len(sep):i + len(sep) + 1].isalpha()):
@@ -661,16 +615,10 @@ def _eval_at(s, point):
     return v, bool(seen)
 
 
-class Num:
-    """An evaluated answer: values at the points (one when constant); inexact: written with a decimal
-    point or in scientific notation; ulp: the unit of its last stated digit when it is one plain decimal
-    (2718.54 -> 0.01, 8.7 \\times 10^8 -> 10^7); sig: its significant digits; pct: it ends in %."""
-    __slots__ = ("vals", "inexact", "ulp", "sig", "pct")
-
-    def __init__(self, vals, inexact, ulp, sig, pct):
-        self.vals, self.inexact, self.ulp, self.sig, self.pct = vals, inexact, ulp, sig, pct
-
-
+# An evaluated answer: values at the points (one when constant); inexact: written with a decimal point or in
+# scientific notation; ulp: the unit of its last stated digit when it is one plain decimal (2718.54 -> 0.01,
+# 8.7 \times 10^8 -> 10^7); sig: its significant digits; pct: it ends in %.
+Num = collections.namedtuple("Num", "vals inexact ulp sig pct")
 _PLAIN = re.compile(r"[+-]?(\d*)\.?(\d*)(?:(?:\\times|\\cdot|\*)10\^\{?([+-]?\d+)\}?|[eE]([+-]?\d+))?")
 
 

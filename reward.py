@@ -62,6 +62,54 @@ import symbolic
 # ----------------------------------------------------------------------------------------------
 # extraction
 
+MAX_BOX = 4000  # a \boxed{} longer than this is not an answer (and scanning it costs time)
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_GAP_NOISE = re.compile(r"\$|\\[()\[\]]|\\(?:quad|qquad|text|textbf|mathrm|mbox)(?![a-zA-Z])|\\[,;:! ]|[{}~]|\s+")
+
+
+def _box_at(text, start):
+    """(content, end) of the \\boxed/\\fbox at start; None if unterminated, empty or absurdly long."""
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":  # "\boxed 5": TeX takes the next token
+        m = re.match(r"[^\s$]+", text[i:i + 100])
+        return (m.group(0), i + m.end()) if m else None
+    depth, window = 0, text[i:i + MAX_BOX]
+    for m in re.finditer(r"\\.|[{}]", window, re.S):  # \{ and \} are literal braces, not groups
+        if m.group(0) == "{":
+            depth += 1
+        elif m.group(0) == "}":
+            depth -= 1
+            if depth == 0:
+                content = window[1:m.start()].strip()
+                return (content, i + m.end()) if content else None
+    return None
+
+
+def boxed_answer(text):
+    """The last \\boxed{...} of text, joined with the boxes just before it when only a connector separates
+    them ("\\boxed{-2} and \\boxed{1}" is the answer -2, 1); None when there is no complete box."""
+    starts = [m.start() for m in _BOX.finditer(text)][-16:]
+    if not starts:
+        return None
+    last = _box_at(text, starts[-1])
+    if last is None:
+        return None
+    parts, nxt = [last[0]], starts[-1]
+    for s in reversed(starts[:-1]):
+        box = _box_at(text, s)
+        if box is None or box[1] > nxt or nxt - box[1] > 400:  # nested in the next one, or far from it
+            break
+        gap = _GAP_NOISE.sub(" ", text[box[1]:nxt]).strip()
+        if len(gap) > 40 or re.search(r"[.:!?]|\n", gap) or not re.search(r"^$|^[,;&]|[,;&]$|\b(?:and|or)\b", gap):
+            break
+        parts.insert(0, box[0])
+        nxt = s
+    return ", ".join(parts)
+
 
 def extract_answer(text, require_think=True):
     """The final boxed answer after the last </think> (see the module docstring); None when absent."""
@@ -72,7 +120,7 @@ def extract_answer(text, require_think=True):
         if cut < 0:
             return None
         text = text[cut + len("</think>"):]
-    return grader.boxed_answer(text)
+    return boxed_answer(text)
 
 
 def gold_strings(gold):
@@ -86,7 +134,7 @@ def gold_strings(gold):
             g = str(int(g)) if g.is_integer() else repr(g)
         g = g if isinstance(g, str) else str(g)
         if "\\boxed" in g or "\\fbox" in g:
-            g = grader.boxed_answer(g) or ""
+            g = boxed_answer(g) or ""
         elif len(g) > 200 and (m := re.findall(r"final answer is:?\s*\$?([^$\n]{1,200}?)\$?\.?\s*(?:I hope|$)", g)):
             g = m[-1]
         if g.strip():
