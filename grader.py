@@ -117,13 +117,14 @@ def _normalize(s):
     m = re.fullmatch(r"\(([A-E])\)\s*[^()]*|([A-E])\s+[A-Z][a-z]{2,}", s)  # "(D) Alina": multiple choice
     if m:
         return m.group(1) or m.group(2)
+    s = re.sub(r"\s*\.$", "", s)  # a sentence's full stop (5. is 5 anyway)
     for pat, rep in _SUBS:
         s = pat.sub(rep, s)
     s = _degrees(s)
     s = _strip_text(s)
     s = re.sub(r"(?<![\w.^{}\\])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", _mixed, s)  # 2 3/4 is 2 + 3/4
     s = re.sub(r"(\^\s*\d+)\s+(?=\d)", r"\1\\cdot ", s)                                  # 3^2 5^3: a product
-    if re.fullmatch(r"\s*[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*%?\s*", s):  # a whole answer 58,500 (not (2,251,252))
+    if re.fullmatch(r"(?:[^,=]+=)?\s*[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*%?\s*", s):  # 58,500 (not (2,251,252))
         s = s.replace(",", THOUSANDS)
     s = re.sub(r"(\\[a-zA-Z]+) +(?=[a-zA-Z])", "\\1\x00", s)  # keep "\pi r" apart from "\pir"
     s = re.sub(r"\s+", "", s).replace("\x00", " ")
