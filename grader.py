@@ -47,7 +47,7 @@ _SUBS = [  # (pattern, replacement), in order
     (r"~", " "),
     (r"\\[dtc]frac", r"\\frac"),
     (r"\\operatorname\{(sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|log|ln|exp|lcm|gcd)\}", r"\\\1 "),
-    (r"\\%", "%"), (r"\\\$", ""), (r"\$", ""),
+    (r"\\%", "%"), (r"\\\$", ""), (r"\$", ""), (r"\\(?:text|mbox|mathrm)\{\s*([AaPp])\.?\s*[Mm]\.?\s*\}", r"\1M"),
     (r"\\(?:geqslant|geq|ge)(?![a-zA-Z])", r"\\geq "), (r">=", r"\\geq "),
     (r"\\(?:leqslant|leq|le)(?![a-zA-Z])", r"\\leq "), (r"<=", r"\\leq "),
     (r"\\(?:neq|ne)(?![a-zA-Z])", r"\\neq "), (r"!=", r"\\neq "), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
@@ -445,7 +445,12 @@ def _relation(s):
     return t[0], t[1], t[2]
 
 
-_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:([AaPp])\.?[Mm]\.?)?")
+
+
+def _clock(m):
+    h, mins, sec, half = m.groups()
+    return [int(h) % 12 + (12 if half in ("P", "p") else 0) if half else int(h), int(mins), int(sec or 0)]
 
 
 def _cmp_elem(x, y, ok):
@@ -468,7 +473,7 @@ def _cmp_elem(x, y, ok):
         return False  # chains that did not read as intervals compare as strings only
     cx, cy = _CLOCK.fullmatch(x), _CLOCK.fullmatch(y)
     if cx or cy:  # a clock time is not a ratio: 5:00 is not 5/0
-        return bool(cx and cy) and [int(v or 0) for v in cx.groups()] == [int(v or 0) for v in cy.groups()]
+        return bool(cx and cy) and _clock(cx) == _clock(cy)
     wx, wy = re.fullmatch(r"[A-Za-z]{3,}", x), re.fullmatch(r"[A-Za-z]{3,}", y)
     if wx and wy:  # word answers: "Evelyn", "east", "ellipse"
         return x.lower() == y.lower()

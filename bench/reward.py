@@ -301,14 +301,15 @@ def time_batches(make, batches, nw, timeout):
         while not all(w.ready for w in grader._workers):  # every worker (and the spare) booted: not timed
             grader.grade(["</think>\\boxed{\\sin^2 x+\\cos^2 x}"], ["1"])
         grader.stats.clear()
-        times = []
+        times, cpu = [], 0.0
         for b in range(batches):
             r2, a2 = make(b + 1)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             grader.grade(r2, a2)
             times.append(time.perf_counter() - t)
+            cpu += time.process_time() - c
         times.sort()
-        return times, {k: round(v / batches) for k, v in grader.stats.items()}
+        return times, cpu / batches, {k: round(v / batches) for k, v in grader.stats.items()}
 
 
 def bench(mix, data_dir, batches, worker_counts, timeout):
@@ -325,11 +326,13 @@ def bench(mix, data_dir, batches, worker_counts, timeout):
         dt = time.perf_counter() - t
         print(f"{desc}: one process, reward() per response: {len(resp) / dt:.0f} responses/s "
               f"({dt:.2f} s per 2,048; mean reward {sum(single) / len(single):.3f})")
-    print(f"| mix | workers | batches | p50 s | p99 s | max s | responses/s at p50 | per batch |\n|---|---|---|---|---|---|---|---|")
+    print(f"| mix | workers | batches | p50 s | p99 s | max s | parent CPU s/batch | per batch | load |\n"
+          f"|---|---|---|---|---|---|---|---|---|")
     for nw in worker_counts:
-        times, st = time_batches(make, batches, nw, timeout)
+        times, cpu, st = time_batches(make, batches, nw, timeout)
         p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
-        print(f"| {mix} | {nw} | {batches} | {p50:.3f} | {p99:.3f} | {times[-1]:.3f} | {2048 / p50:.0f} | {st} |")
+        print(f"| {mix} | {nw} | {batches} | {p50:.3f} | {p99:.3f} | {times[-1]:.3f} | {cpu:.3f} | {st} | "
+              f"{os.getloadavg()[0]:.1f} |")
     if mix == "worst":
         return
     # with the guard off 10^{10^{10}} hangs sympy in C: the pool kills the worker at the timeout
