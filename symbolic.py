@@ -77,7 +77,7 @@ def _to_sympy(s):
         raise ValueError("not for sympy")
     sp = load()
     s = re.sub(r"(?<![\\a-zA-Z])([a-zA-Z])\(", r"\1\\cdot(", s)  # n(n+1) is a product, not a call
-    e = sp.parse_latex_(s)
+    e = sp.parse_latex_(s, strict=True)  # not strict, the parser drops what it cannot read: x \in [-2,7]+1 -> x
     if GUARD and _too_big(e):
         raise ValueError("too big")
     e = e.xreplace({sp.Symbol("pi"): sp.pi, sp.Symbol("e"): sp.E, sp.Symbol("i"): sp.I})

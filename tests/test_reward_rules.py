@@ -61,6 +61,7 @@ KINDS = {  # kind: [(pred, gold, same)] -- every rule on both sides
         ("\\csc^2 t", "1 + \\cot^2 t", 1), ("\\sec^2 t", "1 + \\cot^2 t", 0), ("\\frac{1}{\\sin x}", "\\csc x", 1),
         ("\\cos(90^\\circ - x)", "\\sin x", 1), ("\\cos(90^\\circ - x)", "\\cos x", 0), ("\\sin 30^\\circ", "\\frac12", 1),
         ("\\sin 30", "\\frac12", 0), ("2\\sin x \\cos x", "\\sin 2x", 1),
+        ("x \\in [-2,7]+1", "x \\in [-2,7]", 0),  # sympy's lenient parser would read both as x and accept
     ],
     "decimal_golds": [  # stated digits must agree; 1e-4 relative beyond them (measurements)
         ("2718.45", "2718.54", 0), ("2718.541", "2718.54", 1), ("2718.55", "2718.54", 0), ("\\$2,718.54", "2718.54", 1),
@@ -70,6 +71,7 @@ KINDS = {  # kind: [(pred, gold, same)] -- every rule on both sides
     "undefined_and_times": [
         ("7:00", "5:00", 0), ("5:00", "5:00", 1), ("\\frac{1}{0}", "\\frac{2}{0}", 0), ("\\frac{1}{0}", "\\infty", 0),
         ("+\\infty", "\\infty", 1), ("\\tan 90^\\circ", "\\tan 270^\\circ", 0), ("20:34:00", "20:34", 1),
+        ("08:34 \\text{P.M.}", "20:34", 1), ("8:34 \\text{ a.m.}", "20:34", 0),
     ],
 }
 
