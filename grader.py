@@ -57,8 +57,8 @@ _SUBS = [  # (pattern, replacement), in order
 _SUBS = [(re.compile(p), r) for p, r in _SUBS]
 _DEG = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)"
 _TRIG = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)(?![a-zA-Z])")
-_TEXT = re.compile(r"\\(text|textrm|textnormal|textsf|texttt|textup|mbox|mathrm|mathsf|mathtt|textbf|textit|mathbf|mathit|"
-                   r"boldsymbol|operatorname|emph)\s*\{([^{}]*)\}(\^\{?-?\d+\}?)?")
+_TEXT = re.compile(r"\\(text|textrm|textnormal|textsf|texttt|textup|mbox|mathrm|mathsf|mathtt|textbf|textit|mathbf|"
+                   r"mathit|boldsymbol|operatorname|emph)\s*\{([^{}]*)\}(\^\{?-?\d+\}?)?")
 _UNITS = ("cm|mm|km|nm|ft|in|yd|mi|mph|kph|sec|min|hr|hrs|kg|mg|lb|lbs|oz|ml|mL|cc|sq|yr|yrs|Hz|kHz|MHz|GHz|eV|keV|"
           "MeV|kJ|kW|Pa|atm|mol|cal|kcal|deg|rad|pt|pts|AU|pc|ly")  # short units; one-letter ones need a space:
 _UNITS1 = "m|h|s|g|L|J|N|W|V|A|K"                                   # 5h may be 5 times h
@@ -97,13 +97,6 @@ def _strip_text(s):
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?\.?")
 
 
-def _mixed(m):
-    sign, whole, num, den = m.groups()
-    if not 0 < int(num) < int(den):
-        return m.group(0)
-    return f"{sign}({whole}+\\frac{{{num}}}{{{den}}})"
-
-
 def normalize(s):
     """Canonical LaTeX string: no spacing, no \\left, no $, no units, \\frac12 -> \\frac{1}{2}, ..."""
     return _normalize(s.strip()) if isinstance(s, str) and len(s.strip()) <= MAX_ANSWER else ""
@@ -122,7 +115,8 @@ def _normalize(s):
         s = pat.sub(rep, s)
     s = _degrees(s)
     s = _strip_text(s)
-    s = re.sub(r"(?<![\w.^{}\\])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", _mixed, s)  # 2 3/4 is 2 + 3/4
+    s = re.sub(r"(?<![\w.^{}\\])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", lambda m: m[0] if not 0 < int(m[3]) < int(m[4])
+               else f"{m[1]}({m[2]}+\\frac{{{m[3]}}}{{{m[4]}}})", s)                          # 2 3/4 is 2 + 3/4
     s = re.sub(r"(\^\s*\d+)\s+(?=\d)", r"\1\\cdot ", s)                                  # 3^2 5^3: a product
     if re.fullmatch(r"(?:[^,=]+=)?\s*[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*%?\s*", s):  # 58,500 (not (2,251,252))
         s = s.replace(",", THOUSANDS)
@@ -201,7 +195,8 @@ def _struct(s, depth=0):
         return _set([_struct(p, depth + 1) for p in _split_top(s[2:-2], ",") if p], True)
     parts = _split_top(s, ";")  # ; separates whole solutions: p=5,q=2;p=7,q=2
     if len(parts) > 1:
-        return ("set", [_solution(p, depth + 1) for p in parts if p], False)
+        nodes = [_struct(p, depth + 1) for p in parts if p]  # each one a tuple if it is a bare list
+        return ("set", [("seq", "()", n[1]) if n[0] == "set" and not n[2] else n for n in nodes], False)
     for sep in ("\\cup", ","):  # a union is an unordered collection of its pieces
         parts = _split_top(s, sep)
         if len(parts) > 1:
@@ -236,11 +231,6 @@ def _assignments(parts, depth):
     return ("set", [("seq", "()", values[i:i + k]) for i in range(0, len(values), k)], False)
 
 
-def _solution(s, depth):
-    node = _struct(s, depth)
-    return ("seq", "()", node[1]) if node[0] == "set" and not node[2] else node
-
-
 def _tuples(brackets, nodes):
     """(\\pm 3, \\pm 2) is the four pairs; other tuples are themselves."""
     if not any(n[0] == "set" and not n[2] for n in nodes):
@@ -256,9 +246,10 @@ def _set(nodes, braced):
     return ("set", [x for n in nodes for x in (n[1] if n[0] == "set" and not n[2] else [n])], braced)
 
 
-_LABEL = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+(?<!\\pi)(?<!\\infty)|[a-zA-Z]'?)(?:_\{?[\w\\ ]+\}?)?(?:\([^()]*\))?"
+_LABEL = re.compile(r"(?:[a-zA-Z]'?|\\[a-zA-Z]+(?<!\\pi)(?<!\\infty))(?:_\{?[\w\\ ]+\}?)?(?:\([^()]*\))?"  # x, a_n, f(x)
                     r"|(?:m\s*)?\\angle\s*[A-Za-z_{}\d ]+|\|[A-Z]+\||[A-Z]{2,4}|\\frac\{[A-Za-z]+\}\{[A-Za-z]+\}"
-                    r"|\((?:[a-zA-Z](?:_\{?\w+\}?)?,)+[a-zA-Z](?:_\{?\w+\}?)?\)|[A-Za-z_{}\d]+:[A-Za-z_{}\d]+|[A-Za-z]+\([A-Za-z ,]+\)|\\overline\{[A-Z]+\}|S_\{?\\triangle ?[A-Z]+\}?")
+                    r"|\((?:[a-zA-Z](?:_\{?\w+\}?)?,)+[a-zA-Z](?:_\{?\w+\}?)?\)|[A-Za-z_{}\d]+:[A-Za-z_{}\d]+"
+                    r"|[A-Za-z]+\([A-Za-z ,]+\)|\\overline\{[A-Z]+\}|S_\{?\\triangle ?[A-Z]+\}?")
 _FUNCS = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|frac|arc\w+)(?![a-zA-Z])")
 
 
@@ -526,6 +517,10 @@ _DECIMAL = decimal.Context(prec=80)
 _PI = _DECIMAL.create_decimal("3.14159265358979323846264338327950288419716939937510582097494459230781640628620899862803")
 
 
+def _frac(x):
+    return x if isinstance(x, Fraction) else Fraction(x)
+
+
 def _dec(x):
     return x if isinstance(x, Decimal) else Decimal(x.numerator) / x.denominator
 
@@ -676,7 +671,8 @@ def _num_equal(p, g):
         for gv, gulp in _readings(g):
             pairs = zip(pv * (n // len(pv)), gv * (n // len(gv)))
             if g.inexact:
-                r = _all3(_value_equal(a, b, _gold_bound(b, gulp)) for a, b in pairs)
+                r = _all3(_value_equal(a, b, min(GOLD_TOL * abs(_frac(b)), gulp / 2 if gulp else math.inf))
+                          for a, b in pairs)
             elif pulp is not None and p.sig >= LONG_DECIMAL:
                 r = _all3(_value_equal(a, b, pulp) for a, b in pairs)
             else:
@@ -685,11 +681,6 @@ def _num_equal(p, g):
                 return True
             out = None if r is None else out
     return out
-
-
-def _gold_bound(b, ulp):
-    bound = GOLD_TOL * abs(b if isinstance(b, Fraction) else Fraction(b))
-    return min(bound, ulp / 2) if ulp is not None else bound
 
 
 def _value_equal(a, b, bound=None):
