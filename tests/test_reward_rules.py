@@ -186,3 +186,15 @@ def test_one_way_dependencies():
     assert {"grader", "symbolic"} <= imports("reward.py")
     assert "reward" not in imports("grader.py") and not {"reward", "grader"} & imports("symbolic.py")
     assert "sympy" not in imports("grader.py") and not {"torch", "sympy"} & (imports("reward.py") | imports("grader.py"))
+
+
+def test_sympy_runs_only_in_workers():
+    code = ("import sys, reward; sys.stdout = sys.stderr\n"
+            "with reward.Grader(num_workers=1, spares=0) as g:\n"
+            "    out = g.grade(['</think>\\\\boxed{\\\\csc^2 t}', '</think>\\\\boxed{(1+i)^2}'], ['1 + \\\\cot^2 t', '2i'])\n"
+            "direct = reward.reward('</think>\\\\boxed{\\\\sin 30^\\\\circ}', '\\\\frac12')\n"
+            "print(out, direct, 'sympy' in sys.modules, file=sys.__stdout__)")
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.stdout.split() == ["[1.0,", "1.0]", "1.0", "False"], res.stderr[-2000:]
