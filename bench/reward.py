@@ -326,8 +326,8 @@ def bench(mix, data_dir, batches, worker_counts, timeout):
         dt = time.perf_counter() - t
         print(f"{desc}: one process, reward() per response: {len(resp) / dt:.0f} responses/s "
               f"({dt:.2f} s per 2,048; mean reward {sum(single) / len(single):.3f})")
-    print(f"| mix | workers | batches | p50 s | p99 s | max s | parent CPU s/batch | per batch | load |\n"
-          f"|---|---|---|---|---|---|---|---|---|")
+    print("| mix | workers | batches | p50 s | p99 s | max s | parent CPU s/batch | per batch | load |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for nw in worker_counts:
         times, cpu, st = time_batches(make, batches, nw, timeout)
         p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
