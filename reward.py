@@ -1,54 +1,79 @@
 """
 Outcome reward for GRPO (DeepScaleR): 1.0 if the model's final answer is the ground truth, else 0.0.
 
-The reward is the only signal GRPO learns from, so a wrong 0 teaches the model that a right answer is
-wrong. Grading runs in layers, cheapest first:
-  1. extract_answer: the last \\boxed{..} / \\fbox{..} after the last </think>, braces matched.
-  2. normalise + structure: LaTeX noise stripped; answers split into sets, tuples, intervals,
-     matrices and equations.
-  3. evaluator: numbers, letters, \\frac, \\sqrt, \\pi, + - * / ^ evaluated here (exact Fractions while
-     rational, else 80-digit Decimals; letters at 3 fixed random integer points); a tolerance only
-     against golds written as decimals, which are measurements. Most answers end here.
-  4. sympy: the rest (\\sin, e^x, i, n!, ...) is parsed with parse_latex behind size guards and compared
-     numerically: at 50 digits when constant, at random points when symbolic.
-grader.py's Grader (also reachable as reward.Grader) runs layer 4 in worker processes under a hard
-per-answer timeout, enforced by killing the worker: a signal cannot interrupt sympy stuck in C-level
-big-integer arithmetic. This module imports no torch and no sympy at import time (sympy loads on first
-use), so workers stay light.
-"""
-import decimal
-import functools
-import math
-import operator
-import random
-import re
-from decimal import Decimal
-from fractions import Fraction
+The reward is the only signal GRPO learns from: a wrong 0 teaches that a right answer is wrong, a wrong 1
+teaches a mistake. This file turns responses into rewards; grader.py decides whether two answers are the
+same (symbolic.py is its sympy layer). Dependencies run one way: reward -> grader -> symbolic.
 
-MAX_BOX = 4000     # a \boxed{} longer than this is not an answer (and scanning it costs time)
-MAX_ANSWER = 1000  # normalised answers longer than this are refused
-MAX_SYMPY = 300    # ... and sympy only sees strings up to this length
-MAX_DIGITS = 5000  # refuse to evaluate a power or factorial with more digits than this
-GOLD_TOL = Fraction(1, 10**4)  # relative tolerance against a gold written as a decimal
-_GUARD = True      # size guards before sympy (workers can turn it off to prove the timeout path)
+    python reward.py FILE.jsonl [--no-think] [--timeout S] [--workers N]   # grade {response, answer} rows
+
+Rules (where a choice was debatable it follows what the evaluation sets' own golds need):
+  Extraction  the last \\boxed{}/\\fbox{} after the last </think> (R1 templates open <think> in the prompt,
+              so only </think> is required); boxes joined only by a connector ("\\boxed{-2} and \\boxed{1}")
+              are one answer -2, 1. Golds stored boxed are unboxed the same way; an empty gold is dropped.
+  Text        $, \\left, spacing, \\displaystyle, \\dfrac/\\tfrac/\\cfrac, \\text{} wrappers are noise.
+              Units and words after a value are dropped (42\\text{ cm}, 7 days, 10 square units; one-letter
+              units only after a space: 5h may be 5 times h); percent/pct read as %; "and"/"or" join list items;
+              a label before = is dropped (x = 5, f(x) = ..., \\frac{AB}{CD} = \\frac23, m\\angle A = 30, P(A) =),
+              but not an expression (x + y = 5 is not 5); a = b = c keeps the last part; an \\approx tail after
+              a value is dropped, n \\approx 40 is 40. "(D) Alina" is the choice D; words compare case-blind
+              (Yes = yes). Degrees are dropped from an angle (90^\\circ is 90) and are pi/180 inside a trig
+              function (\\cos(90^\\circ - x) is \\sin x).
+  Numbers     exact: 2/4 = 1/2 (an unreduced fraction is the same number), 025 = 25, 142.0 = 142, 2 3/4 and
+              2\\frac34 are mixed numbers, 3^2 5^3 7 is a product. A whole answer 58,500 (commas, no spaces,
+              3-digit groups; also x = 58,500) is a thousands-separated number -- a gold only that, an answer
+              also the list 58, 500; 12, 500 with a space, and commas inside brackets ((2,251,252)), are lists,
+              as the eval golds need (2400, 1350, 864; 27,54,108). x% also reads x/100.
+              A decimal gold (a measurement, or money) accepts answers within 1e-4 relative AND within half a
+              unit of its last stated digit (2718.54 rejects 2718.45 and accepts 2718.541; Minerva's 9.6 keeps
+              its 1e-4 tolerance); other golds are exact, except that a decimal answer of 10+ significant
+              digits stands for the value it rounds (0.142857142857143 is 1/7, 0.1428571 is not). Values that
+              are undefined or complex-infinite (1/0, a clock time 5:00 read as 5/0) equal nothing; clock
+              times compare as times (08:34 p.m. is 20:34).
+  Structure   a bare comma list is a set (MATH's "all solutions, separated by commas"; duplicates count
+              once) -- an ordered answer like "a, h, k" loses only if permuted; {..} and \\{..\\} are sets;
+              ( ) and [ ] tuples and intervals are ordered and their brackets matter; a tuple gold may be
+              written as a bare list; \\pm gives both signs (and all sign choices inside a tuple); ; separates
+              whole solutions; \\cup is a union; matrices compare entrywise, a vector also as a tuple.
+  Relations   an inequality in one variable is its interval (x > 2 is (2, \\infty)); two relations are the
+              same when LHS - RHS of one is a nonzero constant k times the other's, with the same operator
+              (k > 0) or the flipped one (k < 0, inequalities only): 2 - x \\geq 0 is x \\leq 2, 3x-6y+9=0 is
+              y = x/2 + 3/2, and \\tan x = b is not \\cot x = b. != is \\neq.
+  Symbolic    letters are variables, equal when equal at random points (e and i are constants); identities
+              (\\csc^2 t = 1 + \\cot^2 t) are decided by sympy, numerically, with simplify() last; sympy must
+              parse the whole answer (its lenient mode drops what it cannot read); sums and integrals compare
+              as written, never evaluated.
+
+Cost and bounds: grader.equal decides most answers in this process without sympy (exact Fractions/Decimals
+behind size guards); the rest goes to Grader's worker processes, under a hard per-answer time limit
+enforced by killing the worker (a timeout scores 0.0 and is counted in Grader.health()). reward() and
+is_equiv() called directly use a shared one-worker Grader, so nothing runs unbounded. If sympy's LaTeX
+parser (antlr4-python3-runtime 4.11) cannot load, Grader refuses to start and says what to install.
+"""
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+
+import grader
+import symbolic
 
 # ----------------------------------------------------------------------------------------------
-# 1. extraction
+# extraction
+
+MAX_BOX = 4000  # a \boxed{} longer than this is not an answer (and scanning it costs time)
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_GAP_NOISE = re.compile(r"\$|\\[()\[\]]|\\(?:quad|qquad|text|textbf|mathrm|mbox)(?![a-zA-Z])|\\[,;:! ]|[{}~]|\s+")
 
 
-def extract_answer(text, require_think=True):
-    """Content of the last \\boxed{...}/\\fbox{...} after the last </think>; None when absent.
-    R1-style chat templates end the prompt with <think>, so only </think> is looked for."""
-    if not isinstance(text, str):
-        return None
-    if require_think:
-        cut = text.rfind("</think>")
-        if cut < 0:
-            return None
-        text = text[cut + len("</think>"):]
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
+def _box_at(text, start):
+    """(content, end) of the \\boxed/\\fbox at start; None if unterminated, empty or absurdly long."""
     i = start + (6 if text.startswith("\\boxed", start) else 5)
     while i < len(text) and text[i] == " ":
         i += 1
@@ -56,661 +81,326 @@ def extract_answer(text, require_think=True):
         return None
     if text[i] != "{":  # "\boxed 5": TeX takes the next token
         m = re.match(r"[^\s$]+", text[i:i + 100])
-        return m.group(0) if m else None
-    depth = 0
-    window = text[i:i + MAX_BOX]
+        return (m.group(0), i + m.end()) if m else None
+    depth, window = 0, text[i:i + MAX_BOX]
     for m in re.finditer(r"\\.|[{}]", window, re.S):  # \{ and \} are literal braces, not groups
-        tok = m.group(0)
-        if tok == "{":
+        if m.group(0) == "{":
             depth += 1
-        elif tok == "}":
+        elif m.group(0) == "}":
             depth -= 1
             if depth == 0:
-                answer = window[1:m.start()].strip()
-                return answer or None
-    return None  # unterminated (a truncated response) or absurdly long: no answer
-
-# ----------------------------------------------------------------------------------------------
-# 2. normalisation
-
-
-_UNICODE = {"π": "\\pi ", "√": "\\sqrt ", "−": "-", "–": "-", "×": "\\times ", "·": "\\cdot ",
-            "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ", "°": "^\\circ ",
-            "∪": "\\cup ", "±": "\\pm ", "\u00a0": " ", "\u2009": " "}
-_UNICODE = {ord(k): v for k, v in _UNICODE.items()}
-_SUBS = [  # (pattern, replacement), in order
-    (r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\.?", ""),
-    (r"\\(?:displaystyle|textstyle|quad|qquad)(?![a-zA-Z])", " "),
-    (r"(?<!\\)\\[!,;: ]", " "),                        # thin spaces (not the \\ row break)
-    (r"~", " "),
-    (r"\\[dtc]frac", r"\\frac"),
-    (r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:C|F)?(?![a-zA-Z])", ""),
-    (r"\\%", "%"), (r"\\\$", ""), (r"\$", ""),
-    (r"\\(?:geqslant|geq|ge)(?![a-zA-Z])", r"\\geq "), (r">=", r"\\geq "),
-    (r"\\(?:leqslant|leq|le)(?![a-zA-Z])", r"\\leq "), (r"<=", r"\\leq "),
-    (r"\\(?:neq|ne)(?![a-zA-Z])", r"\\neq "), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-    (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"), (r"\{,\}", ""),
-    (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"),
-]
-_SUBS = [(re.compile(p), r) for p, r in _SUBS]
-_TEXT = re.compile(r"\\(text|textrm|mbox|mathrm|textbf|textit|mathbf|mathit|boldsymbol|operatorname)"
-                   r"\s*\{([^{}]*)\}(\^\{?-?\d+\}?)?")
-_UNITS = ("units|unit|cm|mm|km|meters|meter|metres|inches|inch|feet|foot|ft|yards|miles|mph|sq|square"
-          "|cubic|degrees|degree|cents|cent|dollars|dollars|hours|hour|minutes|minute|seconds|second"
-          "|sec|kg|Hz|eV|years|yr|days|day|ways|people|students|points")
-_BARE_UNIT = re.compile(r"(?<=[\d}\s])\s*(?:%s)(?:\^\{?-?\d+\}?)?\s*$" % _UNITS)
-
-
-def _strip_text(s):
-    """\\text{ and } -> comma; \\text{ cm} after a number is a unit (dropped); else unwrap."""
-    s = _TEXT.sub(lambda m: "," if m.group(2).strip() in ("and", "or", ",") else m.group(0), s)
-    units = _TEXT.sub(lambda m: "" if m.group(1) in ("text", "textrm", "mbox", "mathrm") else m.group(0), s)
-    if units != s and re.search(r"\d", units):
-        s = units
-    for _ in range(3):  # nested wrappers
-        s = _TEXT.sub(lambda m: m.group(2) + (m.group(3) or ""), s)
-    for _ in range(3):
-        t = _BARE_UNIT.sub("", s)
-        if t == s or not re.search(r"\d", t):
-            break
-        s = t
-    return s
-
-
-def _unwrap_boxed(s):
-    while True:
-        m = re.search(r"\\(?:boxed|fbox)\s*\{", s)
-        if not m:
-            return s
-        depth, j = 1, m.end()
-        while j < len(s) and depth:
-            depth += {"{": 1, "}": -1}.get(s[j], 0)
-            j += 1
-        if depth:
-            return s
-        s = s[:m.start()] + s[m.end():j - 1] + s[j:]
-
-
-def _norm(s):
-    """Canonical LaTeX string: no spacing, no \\left, no $, \\frac12 -> \\frac{1}{2}, ..."""
-    if not isinstance(s, str):
-        return ""
-    s = s.strip()
-    if len(s) > MAX_ANSWER:
-        return ""
-    s = _unwrap_boxed(s.translate(_UNICODE))
-    for pat, rep in _SUBS:
-        s = pat.sub(rep, s)
-    s = _strip_text(s)
-    s = re.sub(r"(\\[a-zA-Z]+) +(?=[a-zA-Z])", "\\1\x00", s)  # keep "\pi r" apart from "\pir"
-    s = re.sub(r"\s+", "", s).replace("\x00", " ")
-    cmd = r"(\\[a-zA-Z]+|[^{\\\[ ])"
-    s = re.sub(r"\\sqrt ?(\\(?!frac)[a-zA-Z]+|[^{\\\[ ])", r"\\sqrt{\1}", s)                   # \sqrt3
-    s = re.sub(r"\\frac ?" + cmd + " ?" + cmd, r"\\frac{\1}{\2}", s)   # \frac12
-    s = re.sub(r"\\frac ?(\{[^{}]*\}) ?" + cmd, r"\\frac\1{\2}", s)  # \frac{9}7
-    s = re.sub(r"\\frac ?" + cmd + r" ?\{", r"\\frac{\1}{", s)        # \frac9{19}
-    s = re.sub(r"(\d)_\{(\d+)\}", r"\1_\2", s)                         # 52_{8} -> 52_8
-    s = s.rstrip(".").strip(",")
-    m = re.fullmatch(r"\(([A-Ea-e])\)", s)                           # multiple choice (C) -> C
-    return m.group(1).upper() if m else s
-
-# ----------------------------------------------------------------------------------------------
-# structure: ('elem', s) | ('set', [nodes]) unordered | ('seq', brackets, [nodes]) | ('mat', rows)
-
-
-def _split_top(s, sep):
-    """Split s at occurrences of sep outside any bracket; ( and [ both open, ) and ] both close
-    (intervals mix them); \\{ \\} are set braces; other \\commands are skipped whole."""
-    parts, depth, start, i, n = [], 0, 0, 0, len(s)
-    while i < n:
-        if depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            i = start = i + len(sep)
-            continue
-        c = s[i]
-        if c == "\\":
-            nxt = s[i + 1:i + 2]
-            if nxt in ("{", "}"):
-                depth = depth + 1 if nxt == "{" else max(0, depth - 1)
-            j = i + 1
-            while j < n and s[j].isalpha():
-                j += 1
-            i = max(j, i + 2)
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth = max(0, depth - 1)
-        i += 1
-    parts.append(s[start:])
-    return parts
-
-
-def _group_end(s):
-    """End of the bracket group that opens s (s[0] is an opener); -1 when it never closes."""
-    depth = 0
-    for m in re.finditer(r"\\[{}]|\\[a-zA-Z]+|\\.|[()\[\]{}]", s):
-        tok = m.group(0)
-        if tok in ("(", "[", "{", "\\{"):
-            depth += 1
-        elif tok in (")", "]", "}", "\\}"):
-            depth -= 1
-            if depth == 0:
-                return m.end()
-    return -1
-
-
-_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\end\{\1\}", re.S)
-
-
-def _struct(s, depth=0):
-    if depth > 6 or not s:
-        return ("elem", s)
-    if s.startswith("\\{") and _group_end(s) == len(s):
-        return _set([_struct(p, depth + 1) for p in _split_top(s[2:-2], ",")])
-    for sep in ("\\cup", ","):  # a union is an unordered collection of its pieces
-        parts = _split_top(s, sep)
-        if len(parts) > 1:
-            return _set([_struct(p, depth + 1) for p in parts if p])
-    m = _MATRIX.fullmatch(s)
-    if m:
-        rows = [r for r in m.group(2).split("\\\\") if r]
-        return ("mat", [[("elem", c) for c in r.split("&")] for r in rows])
-    if s[0] in "([" and s[-1] in ")]" and _group_end(s) == len(s):
-        inner = _split_top(s[1:-1], ",")
-        if len(inner) >= 2:
-            return ("seq", s[0] + s[-1], [_struct(p, depth + 1) for p in inner])
-        if s[0] == "(" and s[-1] == ")":
-            return _struct(s[1:-1], depth + 1)
-    for pm in ("\\pm", "\\mp"):
-        if s.count(pm) == 1:
-            return ("set", [("elem", s.replace(pm, "+")), ("elem", s.replace(pm, "-"))])
-    return ("elem", s)
-
-
-def _set(nodes):
-    """Flatten nested collections: {1\\pm\\sqrt5, -2} is the three solutions."""
-    return ("set", [x for n in nodes for x in (n[1] if n[0] == "set" else [n])])
-
-
-def _is_label(s):
-    """Left side that names the answer: x, f(x), (p,q), m_{\\max}, \\angle BEA_1 -- not x+y."""
-    return (0 < len(s) <= 24 and not s[0].isdigit() and re.search(r"[a-zA-Z]", s) is not None
-            and not re.search(r"[-+*/^=<>]|\\frac|\\sqrt|\\cdot|\\times", s))
-
-
-def _is_var(s):
-    return re.fullmatch(r"[a-zA-Z](_\{?\w+\}?)?|\\(?!pi$|infty$)[a-z]+", s) is not None
-
-
-_REL = re.compile(r"(\\leq|\\geq|<|>)")
-
-
-def _ineq_interval(s):
-    """x > 2 -> (2,\\infty); 1 \\leq x < 3 -> [1,3); else None."""
-    t = [p.strip() for p in _REL.split(s)]
-    if len(t) == 3:
-        a, op, b = t
-        if _is_var(b) and not _is_var(a):
-            a, b, op = b, a, {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}[op]
-        if not _is_var(a) or not b:
-            return None
-        form = {"<": "(-\\infty,{})", "\\leq": "(-\\infty,{}]", ">": "({},\\infty)", "\\geq": "[{},\\infty)"}
-        return form[op].format(b)
-    if len(t) == 5 and _is_var(t[2]) and t[0] and t[4]:
-        a, op1, _, op2, c = t
-        lo, hi, rev = {"<": "(", "\\leq": "["}, {"<": ")", "\\leq": "]"}, {">": "<", "\\geq": "\\leq"}
-        if op1 in lo and op2 in lo:
-            return lo[op1] + a + "," + c + hi[op2]
-        if op1 in rev and op2 in rev:
-            return lo[rev[op2]] + c + "," + a + hi[rev[op1]]
+                content = window[1:m.start()].strip()
+                return (content, i + m.end()) if content else None
     return None
 
 
-def _alternatives(s):
-    """Readings of a whole answer: itself, without its label, an inequality as an interval,
-    a thousands-separated number."""
-    alts = [s]
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        alts.insert(0, s.replace(",", ""))
-    parts = _split_top(s, "=")
-    if len(parts) == 2 and _is_label(parts[0]) and parts[1]:
-        alts.append(parts[1])
-    m = re.fullmatch(r"[a-zA-Z]\\in(.+)", s)
-    if m:
-        alts.append(m.group(1))
-    iv = _ineq_interval(s)
-    if iv:
-        alts.append(iv)
-    return alts
-
-# ----------------------------------------------------------------------------------------------
-# comparison; results are tri-state: True, False, or None = "needs sympy" (when sympy is not allowed)
-
-
-def _all3(results):
-    out = True
-    for r in results:
-        if r is False:
-            return False
-        if r is None:
-            out = None
-    return out
+def boxed_answer(text):
+    """The last \\boxed{...} of text, joined with the boxes just before it when only a connector separates
+    them ("\\boxed{-2} and \\boxed{1}" is the answer -2, 1); None when there is no complete box."""
+    starts = [m.start() for m in _BOX.finditer(text)][-16:]
+    if not starts:
+        return None
+    last = _box_at(text, starts[-1])
+    if last is None:
+        return None
+    parts, nxt = [last[0]], starts[-1]
+    for s in reversed(starts[:-1]):
+        box = _box_at(text, s)
+        if box is None or box[1] > nxt or nxt - box[1] > 400:  # nested in the next one, or far from it
+            break
+        gap = _GAP_NOISE.sub(" ", text[box[1]:nxt]).strip()
+        if len(gap) > 40 or re.search(r"[.:!?]|\n", gap) or not re.search(r"^$|^[,;&]|[,;&]$|\b(?:and|or)\b", gap):
+            break
+        parts.insert(0, box[0])
+        nxt = s
+    return ", ".join(parts)
 
 
-def _equiv_norm(p, g, ok):
-    if p == g:
-        return bool(p)
-    if not p or not g:
-        return False
-    out = False
-    for pa in _alternatives(p):
-        for ga in _alternatives(g):
-            r = True if pa == ga else _cmp(_struct(pa), _struct(ga), ok)
-            if r:
-                return True
-            if r is None:
-                out = None
-    return out
-
-
-def _cmp(a, b, ok):
-    """a is the prediction, b the gold (the tolerance depends on how the gold is written)."""
-    ka, kb = a[0], b[0]
-    if ka == kb == "elem":
-        return _cmp_elem(a[1], b[1], ok)
-    if "set" in (ka, kb):
-        A = a[1] if ka == "set" else [a]
-        B = b[1] if kb == "set" else [b]
-        r = _match(A, B, ok)
-        seq, lst = (a, b) if ka == "seq" else (b, a) if kb == "seq" else (None, None)
-        if r is not True and seq and seq[1] == "()" and len(seq[2]) == len(lst[1]):  # tuple as a bare list
-            pairs = zip(a[2], b[1]) if ka == "seq" else zip(a[1], b[2])
-            r2 = _all3(_cmp(x, y, ok) for x, y in pairs)
-            r = True if r2 else (None if None in (r, r2) else False)
-        return r
-    if ka == "mat" and kb == "mat":
-        if [len(r) for r in a[1]] != [len(r) for r in b[1]]:
-            return False
-        return _all3(_cmp(x, y, ok) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
-    if "mat" in (ka, kb):  # a column or row vector against a tuple
-        a = ("seq", "()", _flat(a[1])) if ka == "mat" else a
-        b = ("seq", "()", _flat(b[1])) if kb == "mat" else b
-        if a[1] != "()" or b[1] != "()" or not a[2] or not b[2]:
-            return False
-    if a[0] == b[0] == "seq":
-        if a[1] != b[1] or len(a[2]) != len(b[2]):
-            return False
-        return _all3(_cmp(x, y, ok) for x, y in zip(a[2], b[2]))
-    return False
-
-
-def _flat(rows):
-    return [c for r in rows for c in r] if len(rows) == 1 or all(len(r) == 1 for r in rows) else []
-
-
-def _match(A, B, ok):
-    """Unordered comparison (sets, solution lists); duplicates do not count twice."""
-    A = list({repr(x): x for x in A}.values())
-    B = list({repr(x): x for x in B}.values())
-    if len(A) != len(B) or len(A) > 64:
-        return False
-    used, out = [False] * len(B), True
-    for x in A:
-        maybe = False
-        for j, y in enumerate(B):
-            if used[j]:
-                continue
-            r = _cmp(x, y, ok)
-            if r:
-                used[j] = True
-                break
-            maybe = maybe or r is None
-        else:
-            if not maybe:
-                return False
-            out = None
-    return out
-
-
-def _cmp_elem(x, y, ok):
-    if x == y:
-        return True
-    if not x or not y:
-        return False
-    ex, ey = _split_eq(x), _split_eq(y)
-    if ex and ey:
-        if ex[0] == ey[0] or (_is_label(ex[0]) and _is_label(ey[0])):
-            return _cmp_elem(ex[1], ey[1], ok)
-        return _sympy_call(_sympy_equation, ex, ey) if ok else None
-    if ex or ey:
-        if ex and _is_label(ex[0]):
-            return _cmp_elem(ex[1], y, ok)
-        if ey and _is_label(ey[0]):
-            return _cmp_elem(x, ey[1], ok)
-        return False
-    if _REL.search(x) or _REL.search(y):
-        return False  # relations that did not read as intervals compare as strings only
-    wx, wy = re.fullmatch(r"[A-Za-z]{4,}", x), re.fullmatch(r"[A-Za-z]{4,}", y)
-    if wx and wy:  # word answers: "Evelyn", "east", "ellipse"
-        return x.lower() == y.lower()
-    nx, ny = _number(x), _number(y)
-    if nx and ny and (r := _num_equal(nx, ny)) is not None:
-        return r
-    if (nx and wy) or (wx and ny):
-        return False
-    return _sympy_call(_sympy_equal, x, y) if ok else None
-
-
-def _split_eq(s):
-    parts = _split_top(s, "=")
-    return parts if len(parts) == 2 and all(parts) else None
-
-# ----------------------------------------------------------------------------------------------
-# sympy as the exception: numbers, letters, \frac, \sqrt, \pi, + - * / ^ are evaluated here, exactly
-# as Fractions while rational, else as 80-digit Decimals (sympy decides constants numerically
-# too). Letters are variables set to the same 3 fixed random integers on both sides: polynomials
-# of degree d that differ agree at a random point of [100, 10^4)^n with probability < d/10^4.
-
-_POINTS = [{c: Fraction(random.Random(131 * k + ord(c)).randrange(100, 10**4)) for c in
-            "abcdfghjklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"} for k in range(3)]  # e, i: constants
-_TOKEN = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|\S")
-_DECIMAL = decimal.Context(prec=80)
-_PI = _DECIMAL.create_decimal("3.14159265358979323846264338327950288419716939937510582097494459230781640628620899862803")
-
-
-def _dec(x):
-    return x if isinstance(x, Decimal) else Decimal(x.numerator) / x.denominator
-
-
-def _arith(op, a, b):
-    return op(a, b) if type(a) is type(b) else op(_dec(a), _dec(b))  # Fraction and Decimal do not mix
-
-
-def _sqrt(x):
-    if isinstance(x, Fraction) and all(math.isqrt(n) ** 2 == n for n in (x.numerator, x.denominator)):
-        return Fraction(math.isqrt(x.numerator), math.isqrt(x.denominator))  # ValueError below 0
-    return _arith(lambda a, _: a.sqrt(), x, Decimal(0))
-
-
-def _pow(base, e, varying):
-    if not isinstance(e, Fraction) or e.denominator > 2 or (varying and base <= 0):
-        raise ValueError("not for the evaluator")  # (-1)^n is not real off the integers: sympy's
-    base, n = (_sqrt(base), int(e * 2)) if e.denominator == 2 else (base, int(e))
-    size = math.log10(abs(base.numerator) + base.denominator) if isinstance(base, Fraction) else 1
-    if abs(n) * max(size, 1) > MAX_DIGITS:
-        raise ValueError("too big")
-    return base ** n
-
-
-def _eval_at(s, point):
-    """(value, uses letters) of s with letters from point. ValueError outside this grammar:
-    numbers, letters, \\pi, \\frac, \\sqrt, + - * / ^ and implicit products, read as sympy does."""
-    toks, seen = _TOKEN.findall(s)[::-1], []
-
-    def take(want=None):
-        if not toks or want not in (None, toks[-1]):
-            raise ValueError(f"expected {want}")
-        return toks.pop()
-
-    def expr(depth):
-        if depth > 30:
-            raise ValueError("too deep")
-        v = term(depth)
-        while toks and toks[-1] in ("+", "-"):
-            op = operator.add if take() == "+" else operator.sub
-            v = _arith(op, v, term(depth))
-        return v
-
-    def term(depth):  # implicit products bind tighter than * and /: 1/2x is 1/(2x)
-        v = product(depth)
-        while toks and toks[-1] in ("*", "/", "\\cdot", "\\times"):
-            v = _arith(operator.truediv if take() == "/" else operator.mul, v, product(depth))
-        return v
-
-    def product(depth):
-        v = factor(depth)
-        while toks and (toks[-1][0] in "({." or toks[-1][0].isalnum() or toks[-1] in ("\\pi", "\\frac", "\\sqrt")):
-            v = _arith(operator.mul, v, factor(depth))
-        return v
-
-    def factor(depth):
-        if toks and toks[-1] in ("-", "+"):
-            return -factor(depth) if take() == "-" else factor(depth)
-        base = atom(depth)
-        if not toks or toks[-1] != "^":
-            return base
-        take()
-        n = len(seen)
-        e = atom(depth)  # x^23 is x^{23} in sympy
-        return _pow(base, e, len(seen) > n)
-
-    def atom(depth):
-        t = take()
-        if t[0].isdigit() or t[0] == ".":
-            return Fraction(t)
-        if t in ("(", "{"):
-            v = expr(depth + 1)
-            take(")" if t == "(" else "}")
-            return v
-        if t in ("\\frac", "\\sqrt"):  # _norm braced their arguments
-            args = [(take("{"), expr(depth + 1), take("}"))[1] for _ in range(2 if t == "\\frac" else 1)]
-            return _sqrt(args[0]) if t == "\\sqrt" else _arith(operator.truediv, *args)
-        if t == "\\pi":
-            return _PI
-        if t not in point:
-            raise ValueError(f"not for the evaluator: {t}")
-        seen.append(t)
-        return point[t]
-
-    with decimal.localcontext(_DECIMAL):
-        v = expr(0)
-    if toks:
-        raise ValueError("trailing input")
-    return v, bool(seen)
-
-
-@functools.lru_cache(maxsize=1 << 16)  # golds repeat 16x in a group
-def _number(s):
-    """(values at the 3 points -- one value without letters, inexact, percent) or None.
-    inexact: written as a decimal or in scientific notation, i.e. a measurement."""
-    pct = s.endswith("%")
-    s = s[:-1] if pct else s
-    inexact = "." in s or re.search(r"(\\times|\\cdot|\*)10\^|\d[eE][+-]?\d", s) is not None
-    if m := re.fullmatch(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # mixed number 1\frac{4}{5}
-        if not 0 < int(m.group(3)) < int(m.group(4)):
+def extract_answer(text, require_think=True):
+    """The final boxed answer after the last </think> (see the module docstring); None when absent."""
+    if not isinstance(text, str):
+        return None
+    if require_think:
+        cut = text.rfind("</think>")
+        if cut < 0:
             return None
-        s = "{}({}+\\frac{{{}}}{{{}}})".format(*m.groups())
-    s = re.sub(r"^([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d+)$", r"\1\\cdot10^{\2}", s)  # 6.7e-5
-    s = re.sub(r"^(\d+)_\d+$", r"\1", s)  # 52_8: compare the digits, base aside
-    try:
-        vals = []
-        for point in _POINTS:
-            v, varies = _eval_at(s, point)
-            vals.append(v)
-            if not varies:
-                break
-        return tuple(vals), inexact, pct
-    except (ValueError, ArithmeticError, RecursionError):  # DivisionByZero, Overflow are Arithmetic
-        return None
+        text = text[cut + len("</think>"):]
+    return boxed_answer(text)
 
 
-def _num_equal(p, g):
-    """Exact for rationals; relative tolerance only when the gold is inexact; x% also reads x/100.
-    None when the Decimals are too close to decide (sympy decides)."""
-    out, n = False, max(len(p[0]), len(g[0]))
-    for ps in [p[0]] + [tuple(_arith(operator.truediv, v, Fraction(100)) for v in p[0])] * p[2]:
-        for gs in [g[0]] + [tuple(_arith(operator.truediv, v, Fraction(100)) for v in g[0])] * g[2]:
-            r = _all3(_value_equal(a, b, g[1]) for a, b in zip(ps * (n // len(ps)), gs * (n // len(gs))))
-            if r:
-                return True
-            out = None if r is None else out
-    return out
-
-
-def _value_equal(a, b, tol):
-    if isinstance(a, Fraction) and isinstance(b, Fraction):
-        return a == b or (tol and b != 0 and abs(a - b) <= GOLD_TOL * abs(b))
-    with decimal.localcontext(_DECIMAL):
-        a, b = _dec(a), _dec(b)
-        diff, scale = abs(a - b), max(abs(a), abs(b))
-        rel = diff / scale if scale else Decimal(0)
-    if tol:
-        return None if abs(rel - Decimal("1e-4")) < Decimal("1e-20") else rel <= Decimal("1e-4")
-    return True if rel < Decimal("1e-30") else False if rel > Decimal("1e-20") else None
-
-# ----------------------------------------------------------------------------------------------
-# 3. sympy (loaded lazily: most answers never need it)
-
-
-_sp = None
-
-
-def _load_sympy():
-    global _sp
-    if _sp is None:
-        import sympy
-        from sympy.parsing.latex import parse_latex
-        sympy.parse_latex_ = parse_latex
-        _sp = sympy
-    return _sp
-
-
-def _sympy_call(fn, *args):
-    try:
-        return bool(fn(*args))
-    except Exception:  # parse errors, RecursionError, MemoryError, ...: not equal
-        return False
-
-
-def _too_big(e, depth=0):
-    """Would evaluating e build a giant number? Checked bottom-up before anything evaluates."""
-    sp = _sp
-    if depth > 60 or any(_too_big(a, depth + 1) for a in e.args):
-        return True
-    if isinstance(e, (sp.Integral, sp.Sum, sp.Product, sp.Limit, sp.Derivative)):
-        return True
-    if isinstance(e, sp.Pow) and e.exp.is_number:
-        x = abs(complex(e.exp.evalf(15)))
-        if e.base.is_number:
-            b = abs(complex(e.base.evalf(15)))
-            return not math.isfinite(x) or (b > 0 and x * abs(math.log10(b)) > MAX_DIGITS)
-        return x > 10**4
-    if isinstance(e, (sp.factorial, sp.factorial2, sp.binomial, sp.gamma)):
-        return any(a.is_number and abs(complex(a.evalf(15))) > 2000 for a in e.args)
-    return False
-
-
-@functools.lru_cache(maxsize=4096)  # golds repeat across a group; sympy trees are immutable
-def _to_sympy(s):
-    if len(s) > MAX_SYMPY or "%" in s or s.count("{") > 60:
-        raise ValueError("not for sympy")
-    sp = _load_sympy()
-    s = re.sub(r"(?<![\\a-zA-Z])([a-zA-Z])\(", r"\1\\cdot(", s)  # n(n+1) is a product, not a call
-    e = sp.parse_latex_(s)
-    if _GUARD and _too_big(e):
-        raise ValueError("too big")
-    consts = {sp.Symbol("pi"): sp.pi, sp.Symbol("e"): sp.E, sp.Symbol("i"): sp.I}
-    e = e.xreplace(consts)
-    if not e.atoms(sp.Integral, sp.Sum, sp.Product, sp.Limit, sp.Derivative):
-        e = e.doit()
-    return e
-
-
-def _close(va, vb, tol):
-    sp = _sp
-    if not (va.is_number and vb.is_number) or any(v.has(sp.nan, sp.zoo, sp.oo, -sp.oo) for v in (va, vb)):
-        return None
-    diff, scale = abs(va - vb), max(abs(va), abs(vb))
-    return bool(diff <= tol * scale or diff < 1e-40)
-
-
-def _points(free, n=6, seed=0):
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield {s: _sp.Float(rng.uniform(0.3, 2.7), 30) for s in free}
-
-
-def _sympy_equal(x, y):
-    sp = _load_sympy()
-    a, b = _to_sympy(x), _to_sympy(y)
-    if a == b:
-        return True
-    tol = 1e-4 if b.has(sp.Float) else 1e-30  # tolerance only against decimal golds
-    free = a.free_symbols | b.free_symbols
-    if not free:
-        d = a - b
-        if d.is_Rational and tol < 1e-4:  # exact: 1/2^99 is not 1/2^98
-            return d == 0
-        r = _close(a.evalf(50), b.evalf(50), tol)
-        return r if r is not None else sp.simplify(d) == 0
-    agree, tol = 0, max(tol, 1e-12)
-    for pt in _points(free):  # symbolic: agree at random points <=> same function (w.h.p.)
-        r = _close(a.evalf(30, subs=pt), b.evalf(30, subs=pt), tol)
-        if r is False:
-            return False
-        agree += r is True
-        if agree >= 3:
-            return True
-    return sp.simplify(a - b) == 0
-
-
-def _sympy_equation(ex, ey):
-    """l1 = r1 and l2 = r2 are the same equation if l1 - r1 is a nonzero constant times l2 - r2."""
-    a = _to_sympy(ex[0]) - _to_sympy(ex[1])
-    b = _to_sympy(ey[0]) - _to_sympy(ey[1])
-    free = a.free_symbols | b.free_symbols
-    ratios = []
-    for pt in _points(free):
-        va, vb = a.evalf(30, subs=pt), b.evalf(30, subs=pt)
-        if va.is_number and vb.is_number and abs(vb) > 1e-12 and abs(va) > 1e-12:
-            ratios.append(va / vb)
-    return len(ratios) >= 3 and all(_close(r, ratios[0], 1e-12) for r in ratios)
-
-# ----------------------------------------------------------------------------------------------
-# public API
-
-
-def _gold_strings(gold):
-    """Golds as stored: "025", 142.0, ["$\\frac{1}{2}$", "0.5\\n"] -> list of strings."""
+def gold_strings(gold):
+    """Golds as stored: "025", 142.0, ["$\\frac{1}{2}$", "0.5\\n"], "\\boxed{24}", a whole solution ending
+    in "The final answer is $28\\%$" -> list of answer strings (empty ones dropped)."""
     out = []
     for g in gold if isinstance(gold, (list, tuple)) else [gold]:
         if isinstance(g, bool) or g is None:
             continue
         if isinstance(g, float):
             g = str(int(g)) if g.is_integer() else repr(g)
-        out.append(g if isinstance(g, str) else str(g))
+        g = g if isinstance(g, str) else str(g)
+        if "\\boxed" in g or "\\fbox" in g:
+            g = boxed_answer(g) or ""
+        elif len(g) > 200 and (m := re.findall(r"final answer is:?\s*\$?([^$\n]{1,200}?)\$?\.?\s*(?:I hope|$)", g)):
+            g = m[-1]
+        if g.strip():
+            out.append(g)
     return out
 
 
-def _equiv(pred, gold, ok):
-    try:
-        return _equiv_norm(_norm(pred), _norm(gold), ok)
-    except Exception:  # RecursionError on absurd input, ...: never raise into a training loop
-        return False
-
-
 def is_equiv(pred, gold):
-    """Are two answer strings the same mathematical answer? (gold decides the numeric tolerance)"""
-    return _equiv(pred, gold, True) is True
+    """Are two answer strings the same mathematical answer? (gold decides the numeric tolerance) Bounded:
+    what needs sympy runs in a worker under a time limit."""
+    r = grader.equal(pred, gold)
+    return r if r is not None else _shared_grader().grade_answers([pred], [gold])[0] == 1.0
 
 
 def reward(response, gold, require_think=True):
-    """1.0 if the extracted answer matches any acceptable gold, else 0.0."""
+    """1.0 if the extracted answer matches any acceptable gold, else 0.0. Bounded like is_equiv."""
     pred = extract_answer(response, require_think)
     if pred is None:
         return 0.0
-    return float(any(is_equiv(pred, g) for g in _gold_strings(gold)))
+    fast = [grader.equal(pred, g) for g in gold_strings(gold)]
+    if True in fast or None not in fast:
+        return float(True in fast)
+    return _shared_grader().grade_answers([pred], [gold])[0]
 
 
-def __getattr__(name):
-    """The batch grader (a pool of worker processes) lives in grader.py; reward.Grader is it."""
-    if name in ("Grader", "grade_file"):
-        import grader
-        return getattr(grader, name)
-    raise AttributeError(f"module 'reward' has no attribute {name!r}")
+_shared, _shared_lock = None, threading.Lock()
 
 
-if __name__ == "__main__":  # python reward.py FILE.jsonl [--no-think] [--timeout S] [--workers N]
-    import grader
-    grader.main()
+def _shared_grader():
+    """One worker for direct reward()/is_equiv() calls (notebooks, eval.py without a Grader), started on
+    the first answer that needs sympy and closed at exit."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared._workers:
+            _shared = Grader(num_workers=1, timeout=5.0, spares=0)
+            atexit.register(_shared.close)
+        return _shared
+
+# ----------------------------------------------------------------------------------------------
+# the batch grader: sympy in worker processes under a hard time limit
+
+
+def _worker_main(guard=True):
+    """Worker loop: one JSON task per stdin line, one JSON result per line on the protocol fd."""
+    symbolic.GUARD = guard
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    except (ImportError, ValueError, OSError):
+        pass
+    try:  # import sympy and antlr, and exercise evalf and simplify, before "ready"
+        symbolic.load().parse_latex_("\\frac{1}{2}")
+        grader.equal("\\sin^2x+\\cos^2x+e^{0}", "2", symbolic=True)
+    except Exception as e:
+        proto.write(json.dumps(["error", f"{type(e).__name__}: {e}"]) + "\n")
+        proto.flush()
+        return
+    proto.write('["ready"]\n')
+    proto.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        tid, pred, golds = json.loads(line)
+        proto.write(json.dumps([tid, any(grader.equal(pred, g, symbolic=True) is True for g in golds)]) + "\n")
+        proto.flush()
+
+
+class _Worker:
+    def __init__(self, guard):
+        here = os.path.dirname(os.path.abspath(__file__))
+        boot = f"import sys; sys.path.insert(0, {here!r}); import reward; reward._worker_main({guard})"
+        # A fresh interpreter (spawn semantics). multiprocessing's spawn would also re-import the
+        # parent's __main__ (train.py, hence torch) in every worker; exec-ing python directly does not.
+        self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, close_fds=True)
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf, self.ready, self.task, self.deadline = b"", False, None, 0.0
+        self.born = time.monotonic()
+
+    def send(self, tid, pred, golds, timeout):
+        self.proc.stdin.write((json.dumps([tid, pred, golds]) + "\n").encode())
+        self.proc.stdin.flush()
+        self.task, self.deadline = tid, time.monotonic() + timeout
+
+    def read(self):
+        """Complete messages so far; None at EOF (the worker died)."""
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            return None
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [json.loads(x) for x in lines if x]
+
+    def kill(self):  # SIGKILL: sympy stuck in C would never see a gentler signal
+        self.proc.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:  # a dead worker's stdin cannot be flushed
+                pass
+        self.proc.wait()
+
+
+class Grader:
+    """Batch reward for training. Create it first in train.py, before CUDA/NCCL initialisation:
+    workers are fresh interpreters that never import torch, and their start-up (~1 s: sympy +
+    antlr) then overlaps model loading. Not thread-safe; one grade() at a time.
+
+    Every sympy comparison runs under `timeout` seconds, enforced by killing and replacing the
+    worker (a timeout scores 0.0). `spares` extra workers keep the pool at full strength while a
+    killed worker's replacement boots. `guard=False` disables the size guards, for tests only.
+    Refuses to start (RuntimeError) when sympy's LaTeX parser cannot load."""
+
+    HEALTH = ("sympy", "timeouts", "restarts")
+
+    def __init__(self, num_workers=None, timeout=5.0, spares=1, guard=True, boot_timeout=120.0):
+        if num_workers is None:
+            num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        if num_workers < 1 or timeout <= 0:
+            raise ValueError(f"Grader: need num_workers >= 1 and timeout > 0, got {num_workers}, {timeout}")
+        problem = symbolic.parser_problem()
+        if problem:
+            raise RuntimeError(f"Grader: {problem}")
+        self.timeout, self.guard, self.boot_timeout = float(timeout), guard, boot_timeout
+        self.stats = Counter()  # responses, no_answer, unique, fast, sympy, timeouts, restarts
+        self._reported = Counter()
+        self._workers = [_Worker(guard) for _ in range(num_workers + spares)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for w in getattr(self, "_workers", []):
+            w.kill()
+        self._workers = []
+
+    __del__ = close
+
+    def health(self):
+        """Since the last call: answers sent to sympy, answers that timed out (scored 0.0), workers
+        restarted -- as grader_* fields for a metrics row."""
+        now = Counter({k: self.stats[k] for k in self.HEALTH})
+        out = {f"grader_{k}": now[k] - self._reported[k] for k in self.HEALTH}
+        self._reported = now
+        return out
+
+    def grade(self, responses, golds, require_think=True):
+        """Rewards (0.0/1.0) for responses against golds, in order."""
+        if len(responses) != len(golds):
+            raise ValueError(f"Grader.grade: {len(responses)} responses but {len(golds)} golds")
+        return self.grade_answers([extract_answer(r, require_think) for r in responses], golds)
+
+    def grade_answers(self, answers, golds):
+        """Rewards for already extracted answers (None: no answer) against golds, in order."""
+        if not self._workers:
+            raise RuntimeError("Grader.grade: grader is closed")
+        groups = {}  # identical (answer, gold) pairs are graded once
+        for i, (pred, gold) in enumerate(zip(answers, golds)):
+            if pred is not None:
+                groups.setdefault((pred, tuple(gold_strings(gold))), []).append(i)
+        self.stats.update(responses=len(answers), no_answer=len(answers) - sum(map(len, groups.values())),
+                          unique=len(groups))
+        verdicts, tasks = {}, []
+        for key in groups:
+            pred, gl = key
+            fast = [grader.equal(pred, g) for g in gl]
+            if True in fast or None not in fast:
+                verdicts[key] = True in fast
+            else:
+                tasks.append((key, [g for g, r in zip(gl, fast) if r is None]))
+        self.stats.update(fast=len(verdicts), sympy=len(tasks))
+        verdicts.update(self._run(tasks))
+        out = [0.0] * len(answers)
+        for key, idx in groups.items():
+            for i in idx:
+                out[i] = float(verdicts[key])
+        return out
+
+    def _run(self, tasks):
+        queue, results, workers = deque(range(len(tasks))), {}, self._workers
+        boot_deadline = time.monotonic() + self.boot_timeout
+        while len(results) < len(tasks):
+            for w in workers:
+                if w.ready and w.task is None and queue:
+                    tid = queue.popleft()
+                    try:
+                        w.send(tid, tasks[tid][0][0], tasks[tid][1], self.timeout)
+                    except (BrokenPipeError, OSError):
+                        queue.appendleft(tid)
+                        w.deadline = 0.0  # dead; replaced below
+                        w.task = -1
+            now = time.monotonic()
+            if not any(w.ready for w in workers) and now > boot_deadline:
+                raise RuntimeError("Grader: no reward worker started; run `python -c 'import reward; "
+                                   "reward._worker_main()'` to see why")
+            busy = [w.deadline for w in workers if w.task is not None]
+            wait = max(0.0, min(busy) - now) if busy else 0.05
+            readable, _, _ = select.select([w.fd for w in workers], [], [], min(wait, 0.25))
+            for k, w in enumerate(workers):
+                msgs = w.read() if w.fd in readable else []
+                dead = msgs is None
+                for msg in msgs or []:
+                    if msg == ["ready"]:
+                        w.ready = True
+                    elif msg[0] == "error":  # sympy's parser failed to load in a fresh interpreter
+                        self.close()
+                        raise RuntimeError(f"Grader: reward workers cannot load sympy's LaTeX parser ({msg[1]}); "
+                                           f"install {symbolic.ANTLR} {symbolic.ANTLR_VERSION}: "
+                                           f"pip install '{symbolic.ANTLR}=={symbolic.ANTLR_VERSION}.*'")
+                    elif msg[0] == w.task:
+                        results[tasks[msg[0]][0]] = bool(msg[1])
+                        w.task = None
+                timed_out = w.task is not None and time.monotonic() > w.deadline
+                if dead or timed_out or (not w.ready and time.monotonic() - w.born > self.boot_timeout):
+                    if w.task is not None and w.task >= 0:
+                        results[tasks[w.task][0]] = False  # a timeout (or crash) scores 0.0
+                        self.stats["timeouts"] += 1
+                    w.kill()
+                    workers[k] = _Worker(self.guard)
+                    self.stats["restarts"] += 1
+        return results
+
+
+def grade_file(path, timeout=5.0, workers=None, require_think=True):
+    """Grade a JSONL file of {"response", "answer"} rows through the Grader and print the accuracy."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e})")
+            if row is not None and not (isinstance(row, dict) and "response" in row and "answer" in row):
+                raise SystemExit(f"{path}:{n}: row needs 'response' and 'answer' fields")
+            rows += [row] if row is not None else []
+    t0 = time.time()
+    with Grader(workers, timeout) as g:
+        scores = g.grade([r["response"] for r in rows], [r["answer"] for r in rows], require_think)
+    print(f"accuracy: {sum(scores):.0f}/{len(scores)} = {100 * sum(scores) / max(len(scores), 1):.2f}%  "
+          f"({time.time() - t0:.2f} s; {dict(g.stats)})")
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="grade {response, answer} JSONL rows and print the accuracy")
+    ap.add_argument("file")
+    ap.add_argument("--no-think", action="store_true", help="responses have no </think> (search the whole text)")
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=None)
+    a = ap.parse_args(argv)
+    grade_file(a.file, a.timeout, a.workers, not a.no_think)
+
+
+if __name__ == "__main__":
+    main()

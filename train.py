@@ -633,6 +633,8 @@ def run(cfg, ctx, grader):
             tv = time.time()
             row.update(validate(cfg, ctx, engine, tok, grader, stage, step))
             row["time_val"] = time.time() - tv
+        health = grader.health()  # this step's answers sent to sympy, timed out (scored 0.0), workers restarted
+        row.update(zip(health, D.all_reduce(torch.tensor([*health.values()], device=ctx.device), ctx).tolist()))
         row["time_step"] = time.time() - t0
         rows.append(row)
         if master:

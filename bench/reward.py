@@ -4,12 +4,16 @@ Benchmark and real-data check for reward.py.
   python bench/reward.py --check-golds ../shared/data/test
       every gold of every eval set, boxed the way a model writes it, must earn 1.0, and a really
       different gold (another row's answer) must earn 0.0.
-  python bench/reward.py [--batches 10] [--workers 1 2]
+  python bench/reward.py [--mix train|eval|worst] [--batches 10] [--workers 1 2]
       realistic R1-style responses (long reasoning, then a boxed answer; golds from DeepScaleR's
-      training set): responses/s in one process, and latency of a 2,048-response training step
-      through Grader at each worker count, also with an answer that hangs sympy.
+      training set, or the eval sets): responses/s in one process, and latency of a 2,048-response
+      training step through Grader at each worker count, also with an answer that hangs sympy.
+      --mix worst: 2,048 unique answers that all need sympy (identities, huge powers, towers).
   python bench/reward.py --grade rows.jsonl [--workers 4] [--timeout 5] [--no-think]
       grade a JSONL file of {response, answer} rows and print the accuracy (same as python reward.py FILE).
+  python bench/reward.py --corpus tests/data/reward_corpus.jsonl [--show]
+      agreement with answer-equivalence cases collected from public graders' test suites: each
+      (prediction, gold, verdict) boxed in two R1-style responses (with <think>, and with only </think>).
 """
 import argparse
 import glob
@@ -22,7 +26,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grader as G  # noqa: E402
 import reward as R  # noqa: E402
+import symbolic  # noqa: E402
+from fractions import Fraction  # noqa: E402
 
 
 def load_golds(data_dir):
@@ -43,17 +50,17 @@ def model_writes(g):
 
 def number(s):
     """(Fraction, written as a decimal) for a rational constant answer, else None."""
-    n = R._number(R._norm(s))
-    if n is None or len(n[0]) != 1 or not isinstance(n[0][0], R.Fraction):
+    n = G._number(G.normalize(s).replace(G.THOUSANDS, ""))
+    if n is None or len(n.vals) != 1 or not isinstance(n.vals[0], Fraction):
         return None
-    return n[0][0], n[1], n[2]
+    return n.vals[0], n.inexact, n.pct
 
 
 def _value(s):
     """Independent numeric reading of a gold (raw parse_latex, no normalisation), or None."""
     s = s.split("=")[-1]  # "x=5" is the answer 5
     try:
-        sp = R._load_sympy()
+        sp = symbolic.load()
         v = complex(sp.parse_latex_(s).xreplace(
             {sp.Symbol("pi"): sp.pi}).evalf(30))
         return v
@@ -74,7 +81,9 @@ def really_differs(a, golds_b):
 
 def restyled(s):
     """The same answer written the way models also write it."""
-    out = [s.replace("\\frac", "\\dfrac"), s.replace(",", ", ")]
+    out = [s.replace("\\frac", "\\dfrac")]
+    if G.THOUSANDS not in G.normalize(s):  # 58,500 is a number; 58, 500 would be a list
+        out.append(s.replace(",", ", "))
     n = number(s)
     if n and "%" not in s:
         out.append(f"x = {s}")
@@ -102,9 +111,9 @@ def near_misses(s):
             out.append(f"-({s})")
         if v not in (0, 1, -1):
             out.append(f"\\frac{{1}}{{{s}}}")
-    node = R._struct(R._norm(s))
+    node = G._struct(G.normalize(s))
     if node[0] == "seq" and len(node[2]) >= 2:
-        ns = R._norm(s)
+        ns = G.normalize(s)
         out.append({"(": "[", "[": "("}[ns[0]] + ns[1:])
         if node[2][::-1] != node[2] and node[1] == "()" and not all(x[0] == "elem" and number(x[1])
                                                                      is None for x in node[2]):
@@ -119,7 +128,7 @@ def near_misses(s):
 def check_golds(data_dir):
     failures, n_right, n_wrong, n_near = [], 0, 0, 0
     for name, rows in load_golds(data_dir).items():
-        golds = [R._gold_strings(g) for g in rows]
+        golds = [R.gold_strings(g) for g in rows]
         for i, gl in enumerate(golds):
             for g in gl:  # each acceptable form, boxed, earns 1.0
                 resp = f"Reasoning...</think>\nSo the answer is $\\boxed{{{model_writes(g)}}}$."
@@ -149,6 +158,52 @@ def check_golds(data_dir):
     for f in failures:
         print("  FAIL", f)
     return failures
+
+# ----------------------------------------------------------------------------------------------
+# the answer-equivalence corpus (tests/data/reward_corpus.jsonl; tests/test_reward_corpus.py uses this too)
+
+REASONING = ("Okay, let me work through this. First I set up the equations and simplify. Wait, let me "
+             "double-check the arithmetic: that gives \\boxed{17} as a tentative value, but no, I made an error. "
+             "Recomputing carefully, everything is consistent now.")
+
+
+def r1_responses(pred):
+    """The prediction as a distilled R1 model ends its answer, in both chat-template styles: the response
+    opens with <think> itself, or the template opened it and the response has only </think>."""
+    body = pred if "\\boxed" in pred else f"\\boxed{{{pred}}}"
+    return [f"<think>\n{REASONING}\n</think>\n\nWe solve step by step.\n\n**Final Answer**\n\\[\n{body}\n\\]",
+            f"{REASONING}\n</think>\n\nTherefore, the final answer is ${body}$."]
+
+
+def corpus_agreement(path, grade):
+    """grade(responses, golds) -> rewards. Returns (rows, per-row list of agreeing response styles)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    responses = [r for row in rows for r in r1_responses(row["pred"])]
+    rewards = grade(responses, [row["gold"] for row in rows for _ in range(2)])
+    return rows, [[(rewards[2 * i + k] == 1.0) == row["same"] for k in range(2)] for i, row in enumerate(rows)]
+
+
+def corpus_report(path, workers, timeout, show):
+    t = time.perf_counter()
+    with R.Grader(num_workers=workers, timeout=timeout) as g:
+        rows, agree = corpus_agreement(path, g.grade)
+        health = g.health()
+    print(f"corpus {path}: {len(rows)} cases x 2 response styles, graded in {time.perf_counter() - t:.1f} s {health}")
+    groups = {}
+    for row, ok in zip(rows, agree):
+        for key in ("all", "split " + row["split"], "source " + row["source"], "kind " + row["kind"]):
+            groups.setdefault(key, []).extend(ok)
+    print(f"| {'group':32s} | responses | agree | % |\n|---|---|---|---|")
+    for key in sorted(groups, key=lambda k: (k != "all", k.split()[0] != "split", k)):
+        v = groups[key]
+        print(f"| {key:32s} | {len(v):5d} | {sum(v):5d} | {100 * sum(v) / len(v):5.1f} |")
+    if show:
+        for row, ok in zip(rows, agree):
+            if not all(ok):
+                print(f"  DISAGREE [{row['split']}/{row['source']}] pred {row['pred']!r} gold {row['gold']!r} "
+                      f"want {row['same']} (styles agreeing {sum(ok)}/2)")
+    return groups
 
 # ----------------------------------------------------------------------------------------------
 
@@ -188,7 +243,7 @@ def nearby(rng, g, golds):
         return f"\\frac{{{n[0].numerator + rng.randint(1, 3)}}}{{{n[0].denominator}}}"
     if rng.random() < 0.5:
         return g + "+1"  # a symbolic slip
-    return model_writes(R._gold_strings(rng.choice(golds))[0])
+    return model_writes(R.gold_strings(rng.choice(golds))[0])
 
 
 def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
@@ -197,7 +252,7 @@ def make_batch(rng, golds, n_prompts=128, group=16, n_words=(1500, 4000)):
     responses, answers = [], []
     for _ in range(n_prompts):
         gold = rng.choice(golds)
-        g = model_writes(R._gold_strings(gold)[0])
+        g = model_writes(R.gold_strings(gold)[0])
         p_right = rng.random()
         mistakes = [nearby(rng, g, golds) for _ in range(rng.randint(1, 3))]
         for _ in range(group):
@@ -218,73 +273,103 @@ BUILTIN_GOLDS = [str(n) for n in (3, 7, 12, 25, 36, 48, 100, 113, 204, 315, 601,
     "\\frac{\\sqrt{2}}{2}", "16\\pi", "\\frac{9\\pi}{2}", "(3,4]", "(2, -1)", "x^3+3x-6", "\\text{(C)}", "0.5"]
 
 
-def bench(data_dir, batches, worker_counts, timeout):
-    if os.path.isdir(data_dir):
-        golds = [g for rows in load_golds(data_dir).values() for g in rows if R._gold_strings(g)]
-    else:
-        golds = BUILTIN_GOLDS
-    rng = random.Random(0)
-    resp, ans = make_batch(rng, golds)
-    chars = sum(map(len, resp)) / len(resp)
-    print(f"batch: {len(resp)} responses, mean {chars:.0f} chars")
-    R._sympy_equal("\\sin^2x+\\cos^2x+e^{0}", "2")  # load sympy outside the timing
-    t = time.perf_counter()
-    single = [R.reward(r, a) for r, a in zip(resp, ans)]
-    dt = time.perf_counter() - t
-    print(f"one process, reward() per response, no pool: {len(resp) / dt:.0f} responses/s "
-          f"({dt:.2f} s per 2,048; accuracy {sum(single) / len(single):.3f})")
-    for nw in worker_counts:
-        with R.Grader(num_workers=nw, timeout=timeout) as grader:
-            grader.grade(resp[:64], ans[:64])  # waits for the workers to boot
-            grader.stats.clear()
-            times = []
-            for b in range(batches):
-                r2, a2 = make_batch(random.Random(b + 1), golds)
-                t = time.perf_counter()
-                out = grader.grade(r2, a2)
-                times.append(time.perf_counter() - t)
-            assert grader.grade(resp, ans) == single, "pool and in-process grading disagree"
-            times.sort()
-            p50 = statistics.median(times)
-            p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
-            st = {k: round(v / (batches + 1)) for k, v in grader.stats.items()}
-            print(f"Grader(num_workers={nw}): {batches} batches of 2,048: p50 {p50:.3f} s, "
-                  f"p99 {p99:.3f} s, max {times[-1]:.3f} s, {2048 / p50:.0f} responses/s; per batch {st}")
-            # a pathological answer: the guard refuses it in the parent/worker in milliseconds ...
-            hard = r2[:]
-            hard[0] = "</think> \\boxed{10^{10^{10}}}"
-            t = time.perf_counter()
-            grader.grade(hard, a2)
-            print(f"  batch with 10^{{10^{{10}}}} (guarded): {time.perf_counter() - t:.3f} s")
-    # ... and with the guard off it hangs sympy in C: the pool kills the worker at the timeout.
-    with R.Grader(num_workers=worker_counts[-1], timeout=timeout, guard=False) as grader:
+def worst_batch(seed, n=2048):
+    """Every answer unique and none decided by the exact evaluator: trig and log identities, 1 KB products of
+    big powers, towers the guards refuse -- each one a sympy task for a worker."""
+    rng, responses, golds = random.Random(seed), [], []
+    for i in range(n):
+        k, kind = rng.randint(2, 10**6), i % 4
+        if kind == 0:
+            ans, gold = f"\\sin^2({k}x)+\\cos^2({k}x)", rng.choice(["1", "2"])
+        elif kind == 1:
+            ans, gold = f"\\ln(e^{{{k % 50}}} x)", f"{k % 50} + \\ln x"
+        elif kind == 2:
+            ans = "\\cdot".join(f"{p}^{{{4000 + (k + j) % 997}}}" for j, p in enumerate([2, 3, 5, 7, 11, 13] * 8))[:1000]
+            gold = str(k)
+        else:
+            ans, gold = f"{k % 9 + 2}^{{{k % 9 + 2}^{{{k % 9 + 2}^{{{k % 7 + 2}}}}}}}", "1"
+        responses.append(make_response(rng, ans, rng.randint(200, 400)))
+        golds.append(gold)
+    return responses, golds
+
+
+def time_batches(make, batches, nw, timeout):
+    """p50/p99/max seconds of Grader.grade on `batches` fresh batches, and the grader's counters per batch."""
+    with R.Grader(num_workers=nw, timeout=timeout) as grader:
+        resp, ans = make(10**6)
         grader.grade(resp[:64], ans[:64])
+        while not all(w.ready for w in grader._workers):  # every worker (and the spare) booted: not timed
+            grader.grade(["</think>\\boxed{\\sin^2 x+\\cos^2 x}"], ["1"])
+        grader.stats.clear()
+        times, cpu = [], 0.0
+        for b in range(batches):
+            r2, a2 = make(b + 1)
+            t, c = time.perf_counter(), time.process_time()
+            grader.grade(r2, a2)
+            times.append(time.perf_counter() - t)
+            cpu += time.process_time() - c
+        times.sort()
+        return times, cpu / batches, {k: round(v / batches) for k, v in grader.stats.items()}
+
+
+def bench(mix, data_dir, batches, worker_counts, timeout):
+    if mix == "worst":
+        make, desc = worst_batch, "worst case: 2,048 unique answers, all for sympy"
+    else:
+        golds = [g for rows in load_golds(data_dir).values() for g in rows if R.gold_strings(g)] \
+            if os.path.isdir(data_dir) else BUILTIN_GOLDS
+        make, desc = (lambda seed: make_batch(random.Random(seed), golds)), f"{mix} mix, golds from {data_dir}"
+        resp, ans = make(0)
+        R.is_equiv("\\sin^2x+\\cos^2x+e^{0}", "2")  # boot the shared sympy worker outside the timing
+        t = time.perf_counter()
+        single = [R.reward(r, a) for r, a in zip(resp, ans)]
+        dt = time.perf_counter() - t
+        print(f"{desc}: one process, reward() per response: {len(resp) / dt:.0f} responses/s "
+              f"({dt:.2f} s per 2,048; mean reward {sum(single) / len(single):.3f})")
+    print("| mix | workers | batches | p50 s | p99 s | max s | parent CPU s/batch | per batch | load |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for nw in worker_counts:
+        times, cpu, st = time_batches(make, batches, nw, timeout)
+        p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
+        print(f"| {mix} | {nw} | {batches} | {p50:.3f} | {p99:.3f} | {times[-1]:.3f} | {cpu:.3f} | {st} | "
+              f"{os.getloadavg()[0]:.1f} |")
+    if mix == "worst":
+        return
+    # with the guard off 10^{10^{10}} hangs sympy in C: the pool kills the worker at the timeout
+    with R.Grader(num_workers=worker_counts[-1], timeout=timeout, guard=False) as grader:
+        grader.grade(*make(10**6))
         lat = []
         for b, at in enumerate((0, 1024, 2047)):  # the hanging answer first, in the middle, last
-            r2, a2 = make_batch(random.Random(100 + b), golds)
+            r2, a2 = make(100 + b)
             r2[at] = "</think> \\boxed{10^{10^{10}}}"
             t = time.perf_counter()
-            out = grader.grade(r2, a2)
+            assert grader.grade(r2, a2)[at] == 0.0
             lat.append(time.perf_counter() - t)
-            assert out[at] == 0.0
-        print(f"  guard off, one hanging answer per batch at 0, 1024, 2047 (timeout {timeout} s): batch "
-              f"latency {', '.join(f'{x:.3f}' for x in lat)} s; timeouts {grader.stats['timeouts']}")
+        print(f"guard off, one hanging answer per batch at 0, 1024, 2047 (timeout {timeout} s): batch "
+              f"latency {', '.join(f'{x:.3f}' for x in lat)} s; {grader.health()}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-golds", metavar="DIR")
     ap.add_argument("--grade", metavar="JSONL", help="grade {response, answer} rows and print the accuracy")
+    ap.add_argument("--corpus", metavar="JSONL", help="agreement on (pred, gold, same) cases; --show lists disagreements")
+    ap.add_argument("--show", action="store_true")
     ap.add_argument("--no-think", action="store_true", help="with --grade: responses have no </think>")
-    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/train"),
-                    help="golds for the throughput batches (a built-in representative list when absent)")
+    ap.add_argument("--mix", choices=["train", "eval", "worst"], default="train")
+    ap.add_argument("--data", help="golds for the train/eval mix (default ../shared/data/train or test; a built-in "
+                                   "representative list when absent)")
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count()])
     ap.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args()
     if args.check_golds:
         sys.exit(1 if check_golds(args.check_golds) else 0)
+    if args.corpus:
+        sys.exit(0 if corpus_report(args.corpus, args.workers[0], args.timeout, args.show) else 1)
     if args.grade:
         sys.exit(R.grade_file(args.grade, args.timeout, args.workers[0] if len(args.workers) == 1 else None,
                             not args.no_think))
-    bench(args.data, args.batches, args.workers, args.timeout)
+    here = os.path.dirname(os.path.abspath(__file__))
+    data = args.data or os.path.join(here, "../../shared/data", "test" if args.mix == "eval" else "train")
+    bench(args.mix, data, args.batches, args.workers, args.timeout)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import grader as G
 import reward as R
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ SAME = {
         ("0.0000672", ".0000672"), ("6.72 \\times 10^{-5}", ".0000672"), ("6.72e-5", "0.0000672"),
         ("4.5 \\times 10^{33}", "4.5e33"), ("10^{-3}", "1 \\times 10^{-3}"), ("0.001", "10^{-3}"), ("1024", "2^{10}"),
         ("2^{10}", "1024"), ("\\frac{1}{1024}", "2^{-10}"), ("8.70001e8", "8.7 \\times 10^{8}"), ("4.4902", "4.49"),
-        ("6631", "6630.65"), ("62.5", "62.5%"), ("0.625", "62.5%"), ("62.5\\%", "0.625"), ("17.5%", "17.5"),
+        ("62.5", "62.5%"), ("0.625", "62.5%"), ("62.5\\%", "0.625"), ("17.5%", "17.5"),
         ("3000000", "3 \\times 10^6"), ("\\sqrt{4}", "2"), ("\\sqrt{117}", "3\\sqrt{13}"), ("\\frac{\\sqrt3}{3}", "\\frac{1}{\\sqrt{3}}"),
         ("\\frac{2\\sqrt{5}}{5}", "\\frac{2}{\\sqrt5}"), ("4\\pi", "\\frac{8\\pi}{2}"), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi"),
         ("2^{1009}", "2^{1009}"), ("2 \\cdot 2^{1008}", "2^{1009}"), ("\\frac{100!}{2^{50}}", "\\frac{100!}{2^{50}}"),
@@ -144,6 +145,7 @@ DIFFERENT = {
         ("A", "\\text{(C)}"), ("(B)", "\\text{(C)}"), ("5", "x"), ("x", "5"), ("1", "i"), ("e", "2.718"),
         ("1", "\\infty"), ("\\infty", "-\\infty"), ("0", "\\frac{1}{0}"), ("2", "\\sqrt{2}"), ("\\sqrt{8}", "2\\sqrt{3}"),
         ("6.5", "6.4"), ("41.8", "41.9"), ("3", "3.01"), ("12", "13"),
+        ("6631", "6630.65"),  # was SAME under a plain 1e-4 tolerance; issue 15: a decimal gold's stated digits must agree
     ],
     "structures": [
         ("(3,4]", "(3,4)"), ("[3,4]", "(3,4]"), ("[3,4)", "(3,4]"), ("(2,3)", "(3,2)"), ("(1,2,3)", "(1,2)"), ("1,2", "1,2,3"),
@@ -230,8 +232,14 @@ BAD = ["", " ", "{", "}", "{{{", "}}}", "\\frac{1}{", "\\frac{", "\\sqrt{", "\\l
        "\\frac{1}{0}", "0/0", "\\infty", "-\\infty", "x=", "=5", "<", "\\leq", "1 <", "\\text{", "\\text{}", "\\mbox{5"]
 
 
+@pytest.fixture(scope="module")
+def shared_worker():
+    """reward()/is_equiv() send what needs sympy to a shared worker; boot it (~1-3 s) outside the timings."""
+    assert R.is_equiv("\\sin^2 x + \\cos^2 x", "1")
+
+
 @pytest.mark.parametrize("bad", BAD, ids=range(len(BAD)))
-def test_bad_input(bad):
+def test_bad_input(bad, shared_worker):
     t = time.perf_counter()
     assert R.is_equiv(bad, "1") is False
     assert R.is_equiv("1", bad) is False
@@ -246,7 +254,7 @@ def test_non_string_inputs():
     assert R.reward(None, "1") == 0.0 and R.reward(box("1"), {"a": 1}) in (0.0, 1.0)
 
 
-def test_guard_refuses_giant_numbers_quickly():
+def test_guard_refuses_giant_numbers_quickly(shared_worker):
     t = time.perf_counter()
     assert R.is_equiv("10^{10^{10}}", "10^{10^{10}}+1") is False
     assert R.is_equiv("(10^{8})!", "1") is False
@@ -339,6 +347,6 @@ def test_evaluator_decides_common_answers_without_sympy():
             ("1/2x", "\\frac{1}{2x}", True), ("1/2x", "\\frac{x}{2}", False), ("7", "(t-11)(t+11)", False),
             ("x^23", "x^{23}", True), ("3\\sqrt{2}", "4.2426", True), ("3\\sqrt{2}", "4.25", False)]
     for pred, gold, want in fast:
-        assert R._equiv(pred, gold, False) is want, (pred, gold)  # False: sympy not allowed
+        assert G.equal(pred, gold) is want, (pred, gold)  # sympy not allowed
     for pred, gold in [("(-1)^{2n}", "1"), ("\\sin^2x+\\cos^2x", "1"), ("e^{0}", "1"), ("\\sqrt[3]{8}", "2")]:
-        assert R._equiv(pred, gold, False) is None, (pred, gold)  # left to sympy
+        assert G.equal(pred, gold) is None, (pred, gold)  # left to sympy

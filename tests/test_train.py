@@ -263,6 +263,7 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch)
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 2, 2]
+    assert all({"grader_sympy", "grader_timeouts", "grader_restarts"} <= r.keys() for r in rows)  # grader health
     # the skipped step left the weights alone: the last checkpoint equals the last good one
     kept = [os.path.basename(p) for p in T.ckpt_dirs(cfg.out_dir)]
     assert kept == ["step_000001", "step_000002", "step_000003"]
