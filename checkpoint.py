@@ -49,7 +49,7 @@ def save_checkpoint(cfg, ctx, model, opt, ref, state):
     torch.save({**state, "rng": rng}, os.path.join(tmp, f"trainer_rank{ctx.rank}.pt"))
     D.barrier(ctx)
     full = None
-    if cfg.export_hf and ctx.enabled:  # every rank takes part in gathering the shards; rank 0 writes
+    if cfg.export_hf and D.is_sharded(model):  # every rank takes part in gathering the shards; rank 0 writes
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.rank == 0:
