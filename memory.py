@@ -127,6 +127,7 @@ class MemoryPlan:
     rollout_peak: int          # one rollout-sized engine step, beyond weights, pool and graphs
     engine_fixed: int          # the engine's decode buffers and CUDA-graph pool
     margin: int
+    room: int                  # what the measured peaks leave for the pool (before any cap)
     kv_bytes: int
     kv_bytes_per_token: int
     kv_source: str             # "measured", "engine_memory" (the user's), or "cap ..."
@@ -345,7 +346,7 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
     return MemoryPlan(
         device=str(meter.device), world_size=world_size, free=free, weights=weights, gradients=grads,
         optimizer=optimizer, train_peak=train_peak, rollout_peak=rollout, engine_fixed=fixed, margin=margin_bytes,
-        kv_bytes=max(0, int(kv)), kv_bytes_per_token=per_token, kv_source=source,
+        room=int(room), kv_bytes=max(0, int(kv)), kv_bytes_per_token=per_token, kv_source=source,
         micro_tokens=max(token_budget, longest_sequence), prefill_tokens=prefill, max_num_seqs=max_num_seqs,
         max_model_len=max_model_len, seqs_per_rank=prompts_per_step // world_size * group_size,
         prompts_per_step=prompts_per_step, group_size=group_size,
