@@ -317,6 +317,9 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
     import model as M
     meter = Meter(device)
     cfg = engine_model.config
+    # the packed-attention choice first (on CUDA it checks torch's varlen kernel once, outside any forward)
+    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, device=meter.device, dtype=autocast_dtype(autocast, meter))
+    attention = M.varlen_backend(q, q[:, :cfg.num_key_value_heads])
     devices = [meter.device] if meter.cuda else []
     with torch.random.fork_rng(devices=devices):  # belt and braces: the probe draws from private generators
         meter.precise(True)
@@ -339,7 +342,6 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
         kv, source = min(room, useful), "measured" if room <= useful else "capped at every running sequence at full length"
         if kv_cap is not None and kv_cap < kv:
             kv, source = kv_cap, f"capped at {kv_cap / 2**20:.0f} MiB on {meter.device.type}"
-    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, device=meter.device, dtype=autocast_dtype(autocast, meter))
     weights = {"policy": local_bytes(policy.parameters()), "engine": local_bytes(engine_model.parameters())}
     if reference is not None:
         weights["reference"] = local_bytes(reference.parameters())
@@ -350,7 +352,7 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
         micro_tokens=max(token_budget, longest_sequence), prefill_tokens=prefill, max_num_seqs=max_num_seqs,
         max_model_len=max_model_len, seqs_per_rank=prompts_per_step // world_size * group_size,
         prompts_per_step=prompts_per_step, group_size=group_size,
-        attention=M.varlen_backend(q, q[:, :cfg.num_key_value_heads]))
+        attention=attention)
 
 
 def autocast_dtype(autocast, meter):

@@ -300,12 +300,14 @@ def check_torch_varlen(device, dtype, hq, hkv, d):
     g = torch.Generator(device=device).manual_seed(0)
     meta = Varlen.from_seqlens([37, 1, 90], device)
     x = [torch.randn(128, h, d, device=device, dtype=dtype, generator=g).requires_grad_() for h in (hq, hkv, hkv)]
-    try:
+    try:  # first called from inside a forward maybe: under no_grad, autocast or a checkpoint's saved-tensor hooks
         outs = []
-        for fn in (torch_varlen, sdpa_per_sequence):
-            o = fn(*x, meta, d ** -0.5)
-            grads = torch.autograd.grad(o.float().square().sum(), x)
-            outs.append([o, *grads])
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            for fn in (torch_varlen, sdpa_per_sequence):
+                o = fn(*x, meta, d ** -0.5)
+                grads = torch.autograd.grad(o.float().square().sum(), x)
+                outs.append([o, *grads])
         for a, b in zip(*outs):
             torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
         return True

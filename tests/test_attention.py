@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model as M
@@ -115,6 +116,15 @@ def test_torch_varlen_adapter_speaks_each_release(monkeypatch, style):
         with pytest.raises(ValueError, match="no scale argument"):
             M.torch_varlen(q, k, v, meta, 0.1)
     assert M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
+    # the first packed forward runs the check: under no_grad and autocast (a log-prob pass), or inside a
+    # checkpointed layer (the update), it must still judge the kernel, not the context
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+    layer = lambda t: seen.append(M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)) or t * 2  # noqa: E731
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert seen and all(seen) and x.grad.tolist() == [2.0, 2.0, 2.0]
     bad, _ = fake_varlen(style, causal_ok=False)
     monkeypatch.setattr(M, "torch_varlen_attn", bad)
     with pytest.warns(UserWarning, match="uses SDPA once per sequence"):
