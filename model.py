@@ -201,11 +201,10 @@ def apply_rotary(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# Packed (varlen) attention, the training and evaluation path. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D],
-# causal inside each sequence. The [heads, n, n] score matrix is never built: one flash-class call per
-# micro-batch where the stack has one (flash-attn's varlen function, else torch.nn.attention.varlen), else
-# SDPA once per sequence on 4-D tensors with the math backend switched off, so a shape or dtype no fused
-# kernel takes raises instead of quietly costing O(n^2) memory (SDPA on 3-D tensors always took math).
+# Packed (varlen) attention for training and evaluation: q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], causal
+# per sequence, never a [heads, n, n] matrix. One flash-class call per micro-batch where the stack has one
+# (flash-attn's varlen function, else torch.nn.attention.varlen), else SDPA once per sequence on 4-D tensors
+# with the math backend off: what no fused kernel takes raises instead of quietly costing O(n^2) memory.
 
 try:  # PyTorch's own variable-length attention (flash kernels, CUDA only): torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
@@ -216,12 +215,12 @@ except ImportError:
 # but has GQA compiled out. CPU: its flash kernel takes every float dtype, GQA included. A caller's narrower
 # choice (torch.nn.attention.sdpa_kernel) is respected; the math backend is never allowed.
 FUSED_SDPA = {"cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cpu": [SDPBackend.FLASH_ATTENTION]}
-SDPA_ENABLED = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
-                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled}
 
 
 def fused_sdpa_backends(device_type):
-    allowed = [b for b in FUSED_SDPA.get(device_type, FUSED_SDPA["cuda"]) if SDPA_ENABLED[b]()]
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled()}
+    allowed = [b for b in FUSED_SDPA.get(device_type, FUSED_SDPA["cuda"]) if enabled.get(b)]
     if not allowed:
         raise RuntimeError(f"packed attention on {device_type}: none of the tiled SDPA backends "
                            f"{FUSED_SDPA.get(device_type)} is enabled, and the math backend would build [heads, n, n]")
@@ -235,8 +234,7 @@ def sdpa_per_sequence(q, k, v, meta: Varlen, scale):
     if gqa and q.is_cuda and q.dtype == torch.float32:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         gqa = False
-    out = torch.empty_like(q)
-    start = 0
+    out, start = torch.empty_like(q), 0
     with sdpa_kernel(fused_sdpa_backends(q.device.type)):
         for n in meta.seqlens:
             if n:
@@ -255,18 +253,15 @@ def torch_varlen_kwargs():
     to the flash kernel, which supports them). Checked against SDPA once per device (varlen_backend)."""
     params = inspect.signature(torch_varlen_attn).parameters
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "enable_gqa" in params:
-        kw["enable_gqa"] = True
-    return kw, "scale" in params
+    return {**kw, "enable_gqa": True} if "enable_gqa" in params else kw, "scale" in params
 
 
 def torch_varlen(q, k, v, meta: Varlen, scale):
     kw, takes_scale = torch_varlen_kwargs()
-    if takes_scale:
-        kw["scale"] = scale
-    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+    if not takes_scale and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError("torch.nn.attention.varlen.varlen_attn of this torch has no scale argument")
-    return torch_varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kw)
+    return torch_varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kw,
+                             **({"scale": scale} if takes_scale else {}))
 
 
 def flash_attn_varlen(q, k, v, meta: Varlen, scale):
@@ -296,22 +291,19 @@ def varlen_backend(q, k) -> str:
 def check_torch_varlen(device, dtype, hq, hkv, d):
     """Forward and backward of torch's varlen attention against SDPA per sequence on a small packed batch
     (GQA, three sequences). Any error or mismatch: warn once and use SDPA per sequence instead."""
-    import warnings
     g = torch.Generator(device=device).manual_seed(0)
     meta = Varlen.from_seqlens([37, 1, 90], device)
     x = [torch.randn(128, h, d, device=device, dtype=dtype, generator=g).requires_grad_() for h in (hq, hkv, hkv)]
     try:  # first called from inside a forward maybe: under no_grad, autocast or a checkpoint's saved-tensor hooks
-        outs = []
         with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            for fn in (torch_varlen, sdpa_per_sequence):
-                o = fn(*x, meta, d ** -0.5)
-                grads = torch.autograd.grad(o.float().square().sum(), x)
-                outs.append([o, *grads])
+            outs = [[o, *torch.autograd.grad(o.float().square().sum(), x)]
+                    for o in (fn(*x, meta, d ** -0.5) for fn in (torch_varlen, sdpa_per_sequence))]
         for a, b in zip(*outs):
             torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        import warnings
         warnings.warn(f"torch.nn.attention.varlen disagrees with SDPA here ({e!r:.300}); packed attention "
                       "uses SDPA once per sequence")
         return False
@@ -326,7 +318,6 @@ def varlen_attention(q, k, v, meta: Varlen, scale):
 from kernels.kv_write import write_kv_cache_torch  # noqa: E402
 from kernels.prefill_attention import paged_attention_torch  # noqa: E402
 
-# Engines may swap the paged entries for Triton kernels (kernels/) behind the same signatures.
 ATTENTION = {"varlen": varlen_attention, "paged": paged_attention_torch, "write_kv": write_kv_cache_torch}
 
 
