@@ -94,6 +94,18 @@ def sdpa_3d_per_sequence(q, k, v, meta, scale):
     return out
 
 
+def cpu_timeit(fn, device, reps):
+    """GPU: wall seconds per call. CPU: CPU-seconds of all threads per call (steadier than wall time on a
+    machine shared with other jobs)."""
+    if device.type == "cuda":
+        return timeit(fn, device, reps)
+    fn()
+    t0 = time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - t0) / reps
+
+
 def bench_attention(device, dtype, seqlens, heads=12, kv_heads=2, head_dim=128, reps=3):
     """Varlen (block-diagonal causal) attention several ways, forward and forward+backward, with the extra
     peak memory of a forward+backward (CUDA allocator; CPU resident memory, measured one after another in
@@ -142,12 +154,12 @@ def bench_attention(device, dtype, seqlens, heads=12, kv_heads=2, head_dim=128, 
                 q.grad = k.grad = v.grad = None
 
             err = (fwd().float() - ref).abs().max().item()
-            t_f = timeit(fwd, device, reps)
+            t_f = cpu_timeit(fwd, device, reps)
         except Exception as e:  # an implementation missing on this build is reported, not fatal
             rows.append((name, float("nan"), float("nan"), float("nan"), f"failed: {type(e).__name__}: {str(e)[:60]}"))
             continue
         try:
-            t_fb = timeit(fwd_bwd, device, reps)
+            t_fb = cpu_timeit(fwd_bwd, device, reps)
             meter.settle()
             meter.reset_peak()
             base = meter.current()
@@ -175,7 +187,8 @@ def report_attention(device, dtype, seqlens, reps):
     rows = bench_attention(device, dtype, seqlens, reps=reps)
     print(f"\nvarlen attention, {device.type} {str(dtype).removeprefix('torch.')}, 12 q / 2 kv heads, head dim 128, "
           f"seqlens {seqlens}")
-    print("| implementation | forward ms | forward+backward ms | fwd+bwd extra peak MB | max abs err vs 4-D |")
+    unit = "ms" if device.type == "cuda" else "CPU-ms"
+    print(f"| implementation | forward {unit} | forward+backward {unit} | fwd+bwd extra peak MB | max abs err vs 4-D |")
     print("|---|---|---|---|---|")
     for name, ms, ms_fb, mb, err in rows:
         print(f"| {name} | {ms:.1f} | {ms_fb:.1f} | {mb:,.0f} | {err if isinstance(err, str) else f'{err:.1e}'} |")
@@ -192,7 +205,10 @@ def main():
     ap.add_argument("--attention", action="store_true", help="compare varlen attention implementations")
     ap.add_argument("--attention-seqlens", default=None, help="their packed lengths (default: --seqlens)")
     ap.add_argument("--attention-only", action="store_true", help="skip the model benchmark")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     full = args.full or device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
