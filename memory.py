@@ -205,6 +205,8 @@ class MemoryPlan:
         """The real engine captured its graphs after the pool: keep what it reports beside the reserve."""
         measured = getattr(engine, "graph_pool_bytes", None)
         self.graph_pool_measured = int(measured) if measured is not None else None
+        if engine.device.type == "cuda":  # from here on the allocator's peak is the run's, not the probe's
+            torch.cuda.reset_peak_memory_stats(engine.device)
 
     def observe(self, device, out_dir=None):
         """After a real step on CUDA: the allocator's peaks beside the plan (saved with it). Returns a line."""

@@ -209,14 +209,15 @@ def cuda_model(dtype, layers=2):
 @cuda
 @pytest.mark.parametrize("master", [torch.bfloat16, torch.float32])
 def test_cuda_training_forward_on_flash_or_cudnn_only(monkeypatch, master):
-    """The training forward + backward (bf16 weights, or float32 masters under bf16 autocast) with SDPA
-    restricted to flash/cuDNN and torch varlen / flash-attn out of the way: a fall to the math (or
-    memory-efficient) backend raises. 16K tokens in 3 sequences: extra peak far below the 12 x 16K^2
-    float32 scores (12.9 GB)."""
+    """The training forward + backward (bf16 weights, or float32 masters under bf16 autocast; one layer,
+    checkpointed as in training) with SDPA restricted to flash/cuDNN and torch varlen / flash-attn out of
+    the way: a fall to the math (or memory-efficient) backend raises. 20K tokens in 3 sequences: extra
+    peak far below the 12 x 16K^2 float32 scores of the longest sequence alone (12.9 GB)."""
     monkeypatch.setattr(M, "torch_varlen_attn", None)
     monkeypatch.setattr(M, "flash_attn_varlen_func", None)
-    m = cuda_model(master)
-    seqlens = [8192, 5000, 3192]
+    m = cuda_model(master, layers=1)
+    m.gradient_checkpointing = True
+    seqlens = [16384, 3000, 1000]
     n = sum(seqlens)
     ids = torch.randint(0, 512, (n,), device="cuda")
     pos = torch.cat([torch.arange(k) for k in seqlens]).cuda()
@@ -230,7 +231,7 @@ def test_cuda_training_forward_on_flash_or_cudnn_only(monkeypatch, master):
         logp.sum().backward()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(logp).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
-    assert extra < 2 * 2**30, f"{extra / 2**30:.2f} GB extra"
+    assert extra < 4 * 2**30, f"{extra / 2**30:.2f} GB extra"  # linear: well under 0.2 GB per 1K tokens
 
 
 @cuda
