@@ -84,9 +84,12 @@ class Meter:
         return _proc("MemAvailable", "/proc/meminfo")
 
     def precise(self, on):
-        """CPU: every block over 64 KiB its own mapping, returned on free (slower; only while probing)."""
+        """CPU: every block over 64 KiB its own mapping, returned on free, so RSS follows live tensors (slower;
+        only while probing). Off: the values glibc's own dynamic tuning converges to (mmap threshold 32 MiB,
+        trim threshold twice that), since setting one switches that tuning off."""
         if self.libc is not None:
-            self.libc.mallopt(-3, 65536 if on else 32 * 2**20)  # M_MMAP_THRESHOLD (32 MiB: glibc's own ceiling)
+            self.libc.mallopt(-3, 65536 if on else 32 * 2**20)  # M_MMAP_THRESHOLD
+            self.libc.mallopt(-1, 128 * 1024 if on else 64 * 2**20)  # M_TRIM_THRESHOLD
 
 
 def _proc(field_name, path="/proc/self/status"):
