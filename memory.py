@@ -123,6 +123,7 @@ class MemoryPlan:
     device: str
     world_size: int
     free: int                  # device memory free with every model loaded, after the probe
+    resident: int              # live bytes then (CUDA: allocated tensors; CPU: resident memory)
     weights: dict              # bytes on this rank: policy (float32 masters), reference, engine copy
     gradients: int
     optimizer: int             # AdamW moments, allocated at the first step
@@ -144,6 +145,12 @@ class MemoryPlan:
     attention: str = ""
     graph_pool_measured: int | None = None  # what the real engine reports after capturing its graphs
     observed: dict = field(default_factory=dict)
+
+    @property
+    def planned_peak(self):
+        """What the allocator should peak at in a step: resident + optimizer + pool + graphs + transient."""
+        transient = max(self.train_peak, self.rollout_peak)
+        return self.resident + self.optimizer + self.kv_bytes + self.engine_fixed + transient
 
     @property
     def kv_tokens(self):
@@ -200,8 +207,9 @@ class MemoryPlan:
         lines = [f"memory plan ({self.device}, rank 0 of {self.world_size}, packed attention: {self.attention})"]
         lines += [f"  {name:<19}{fmt(b):>10}   {note}" for name, b, note in self.rows()]
         lines.append("  " + self.verdict())
-        for k, v in self.observed.items():
-            lines.append(f"  observed {k}: {fmt(v)}")
+        if self.observed:
+            lines.append(f"  planned peak {fmt(self.planned_peak)}; observed "
+                         + ", ".join(f"{k} {fmt(v)}" for k, v in self.observed.items()))
         return "\n".join(lines)
 
     def engine_built(self, engine):
@@ -218,13 +226,14 @@ class MemoryPlan:
                          "device_total": torch.cuda.get_device_properties(device).total_memory}
         if out_dir:
             self.save(out_dir)
-        return "memory after the first step: " + ", ".join(f"{k} {fmt(v)}" for k, v in self.observed.items())
+        return (f"memory after the first step: planned peak {fmt(self.planned_peak)}; observed "
+                + ", ".join(f"{k} {fmt(v)}" for k, v in self.observed.items()))
 
     def save(self, out_dir):
         os.makedirs(out_dir, exist_ok=True)
         d = asdict(self)
-        d.update(kv_tokens=self.kv_tokens, full_sequences=self.full_sequences, verdict=self.verdict(),
-                 recommended_world=self.recommended_world(), text=self.text().splitlines())
+        d.update(planned_peak=self.planned_peak, kv_tokens=self.kv_tokens, full_sequences=self.full_sequences,
+                 verdict=self.verdict(), recommended_world=self.recommended_world(), text=self.text().splitlines())
         path = os.path.join(out_dir, "memory_plan.json")
         with open(path + ".tmp", "w") as f:
             json.dump(d, f, indent=1)
@@ -323,7 +332,8 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
     meter = Meter(device)
     cfg = engine_model.config
     # the packed-attention choice first (on CUDA it checks torch's varlen kernel once, outside any forward)
-    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, device=meter.device, dtype=autocast_dtype(autocast, meter))
+    dtype = autocast_dtype(autocast, meter)
+    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, device=meter.device, dtype=dtype)
     attention = M.varlen_backend(q, q[:, :cfg.num_key_value_heads])
     devices = [meter.device] if meter.cuda else []
     with torch.random.fork_rng(devices=devices):  # belt and braces: the probe draws from private generators
@@ -337,21 +347,24 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
         finally:
             meter.precise(False)
     free = meter.free() if free is None else free
+    resident = meter.current()
     train_peak = max(fwd_bwd, step - optimizer)
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * engine_model.model.embed_tokens.weight.element_size()
+    kv_itemsize = engine_model.model.embed_tokens.weight.element_size()  # the engine's cache dtype
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_itemsize
     useful = max_num_seqs * max_model_len * per_token  # more than every running sequence at full length is waste
     room = kv_budget(free, optimizer, train_peak, rollout, fixed, margin_bytes)
     if kv_request:
         kv, source = int(kv_request), "engine_memory" + ("" if kv_request <= room else ", MORE than the measured room")
     else:
-        kv, source = min(room, useful), "measured" if room <= useful else "capped at every running sequence at full length"
+        kv = min(room, useful)
+        source = "measured" if room <= useful else "capped at every running sequence at full length"
         if kv_cap is not None and kv_cap < kv:
             kv, source = kv_cap, f"capped at {kv_cap / 2**20:.0f} MiB on {meter.device.type}"
     weights = {"policy": local_bytes(policy.parameters()), "engine": local_bytes(engine_model.parameters())}
     if reference is not None:
         weights["reference"] = local_bytes(reference.parameters())
     return MemoryPlan(
-        device=str(meter.device), world_size=world_size, free=free, weights=weights, gradients=grads,
+        device=str(meter.device), world_size=world_size, free=free, resident=resident, weights=weights, gradients=grads,
         optimizer=optimizer, train_peak=train_peak, rollout_peak=rollout, engine_fixed=fixed, margin=margin_bytes,
         room=int(room), kv_bytes=max(0, int(kv)), kv_bytes_per_token=per_token, kv_source=source,
         micro_tokens=max(token_budget, longest_sequence), prefill_tokens=prefill, max_num_seqs=max_num_seqs,

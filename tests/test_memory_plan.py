@@ -96,7 +96,7 @@ def real_plan(world, kv_gb):
     """The published 24K stage on H200-sized pools (numbers of the real model's KV layout, not measured)."""
     per_token = 2 * 28 * 2 * 128 * 2  # layers x (K, V) x KV heads x head_dim x bf16 = 28 KiB
     return memory.MemoryPlan(
-        device="cuda:0", world_size=world, free=130 * 2**30, weights={"policy": 1, "engine": 1}, gradients=1,
+        device="cuda:0", world_size=world, free=130 * 2**30, resident=6 * 2**30, weights={"policy": 1, "engine": 1}, gradients=1,
         optimizer=2, train_peak=10 * 2**30, rollout_peak=2 * 2**30, engine_fixed=2**30, margin=4 * 2**30,
         room=int(kv_gb * 2**30), kv_bytes=int(kv_gb * 2**30), kv_bytes_per_token=per_token, kv_source="measured",
         micro_tokens=32768,
