@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import distributed as D
@@ -39,27 +40,31 @@ BF16_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     import distributed as D, model as M
     from fixtures import tiny_config, random_model
-    d = D.Dist()
+    dev = torch.device({device!r})
+    d = D.Dist(device=dev)
     cfg = tiny_config()
-    policy = random_model(cfg, seed=0)                      # float32 masters
-    ref = random_model(cfg, seed=0).to(torch.bfloat16)      # the reference as build() loads it on a GPU
-    autocast_path = random_model(cfg, seed=0)               # the old one-GPU path: float32 under bf16 autocast
-    D.shard_model(policy, d, compute_dtype=torch.bfloat16)  # a one-rank process group of its own
+    policy = random_model(cfg, seed=0).to(dev)                      # float32 masters
+    ref = random_model(cfg, seed=0).to(dev, torch.bfloat16)         # the reference as build() loads it on a GPU
+    autocast_path = random_model(cfg, seed=0).to(dev)               # the old one-GPU path: float32 under autocast
+    D.shard_model(policy, d, compute_dtype=torch.bfloat16)          # a one-rank process group of its own
     assert D.is_sharded(policy) and torch.distributed.get_world_size() == 1
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128, (30,), generator=g)
-    meta, pos = M.Varlen.from_seqlens([17, 13]), torch.cat([torch.arange(17), torch.arange(13)])
-    with warnings.catch_warnings(record=True) as caught:
+    ids = torch.randint(0, 128, (30,), generator=g).to(dev)
+    meta = M.Varlen.from_seqlens([17, 13], dev)
+    pos = torch.cat([torch.arange(17), torch.arange(13)]).to(dev)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast(dev.type, dtype=torch.bfloat16):
         warnings.simplefilter("always")
-        logp, ent = policy(ids, pos, meta, targets=ids, return_entropy=True)
+        logp, ent = policy(ids, pos, meta, targets=ids, return_entropy=True)  # as train.py calls it
     views = [str(w.message) for w in caught if "view" in str(w.message)]
     assert not views, views
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
         want = ref(ids, pos, meta, targets=ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            old = autocast_path(ids, pos, meta, targets=ids)
-    assert torch.equal(logp.detach(), want), (logp - want).abs().max()
-    assert not torch.equal(old, want)  # what one GPU used to compute: not its reference's numbers
+        old = autocast_path(ids, pos, meta, targets=ids)
+    new_gap, old_gap = (logp.detach() - want).abs().max().item(), (old - want).abs().max().item()
+    print("gaps", new_gap, old_gap)
+    exact = dev.type == "cpu"  # on CUDA a kernel may depend on a buffer's alignment: within 1e-3, and closer
+    assert new_gap == 0 if exact else new_gap <= 1e-3 and new_gap < old_gap, (new_gap, old_gap)
+    assert old_gap > 0  # what one GPU used to compute: not its reference's numbers
     (logp.sum() + ent.sum()).backward()
     grads = [p.grad for p in policy.parameters()]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)  # reduced and kept in float32
@@ -71,8 +76,16 @@ BF16_SCRIPT = textwrap.dedent("""
 def test_one_rank_fsdp_bf16_equals_its_bf16_reference(tmp_path):
     """FSDP2 with bf16 compute on a one-rank group: log-probs bitwise equal to the bf16 reference model
     (KL 0 at a stage's first step), unlike float32 masters under bf16 autocast; no view-output warning;
-    float32 gradients. Cost ~5-10 s (a fresh process)."""
-    out = run(tmp_path, BF16_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    float32 gradients. Cost ~5-15 s (a fresh process)."""
+    out = run(tmp_path, BF16_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), device="cpu"))
+    assert out.strip().endswith("ok")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_one_gpu_policy_matches_its_reference(tmp_path):
+    """The same on one GPU (NCCL, one rank): the policy's first-step log-probs match the bf16 reference's
+    (within 1e-3, and closer than the old float32-under-autocast path, which the gaps printed show)."""
+    out = run(tmp_path, BF16_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), device="cuda"))
     assert out.strip().endswith("ok")
 
 
