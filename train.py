@@ -100,7 +100,7 @@ class TrainConfig:
     device: str = "auto"
     compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32
     gradient_checkpointing: bool = True
-    fsdp: bool = True                # under torchrun: shard with FSDP2 (False: replicate, all-reduce gradients)
+    fsdp: bool = True                # FSDP2 under torchrun and on one GPU (False: replicate, all-reduce gradients)
     seed: int = 0
     threads: int = 0                 # torch CPU threads (0: torch's default)
     # bookkeeping
