@@ -114,7 +114,6 @@ def attention_memory_worker(n, device, old=False):
                    num_attention_heads=12, num_key_value_heads=2, head_dim=128, torch_dtype="bfloat16")
     m = M.init_weights(M.Qwen2(cfg)).to(device, torch.bfloat16)
     ids, pos = torch.randint(0, 256, (n,), device=device), torch.arange(n, device=device)
-    meta = M.Varlen.from_seqlens([n], device)
     meter = memory.Meter(device)
     real = M.ATTENTION["varlen"]
 
