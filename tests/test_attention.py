@@ -183,7 +183,7 @@ def test_packed_attention_memory_is_linear_through_the_model():
     sequence, forward + backward through the model's own forward (one layer, small MLP and vocab). The
     attention's share of the peak (real attention minus a stand-in returning q) stays tens of MB; the
     [12, 4096, 4096] float32 scores alone would be 805 MB (the 3-D math path measured 2.7-2.9 GB).
-    Cost ~10-25 s on the 2-core machine (two 4K-token forward+backward passes; ~95 s at load average 20)."""
+    Cost 7 s on the idle 2-core machine (two 4K-token forward+backward passes); 43-95 s at load 11-20."""
     n = 4096
     r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(root=ROOT, n=n)], capture_output=True,
                        text=True, timeout=600)

@@ -73,7 +73,8 @@ def test_probe_leaves_weights_optimizer_and_rng_as_they_were():
 def test_pool_shrinks_when_the_trainers_peak_grows():
     """Same device reading, a 16x larger token budget: the measured update peak grows and the room left
     for the KV pool (free - optimizer - max(peaks) - engine - margin) shrinks by as much; the pool is that
-    room unless it exceeds every running sequence at full length. Cost ~5-40 s (two probes, tiny model)."""
+    room unless it exceeds every running sequence at full length. Cost ~1 s idle (two probes, tiny
+    model); 38-73 s at load 12-14."""
     small = measure(*setup(512))
     big = measure(*setup(8192))
     assert big.micro_tokens == 8192 and small.micro_tokens == 512
@@ -139,7 +140,7 @@ def tiny_train_config(tmp_path, out, **kw):
 def test_train_prints_and_logs_the_plan_and_equals_a_run_without_probe(tmp_path, monkeypatch, capsys):
     """train.py end to end (2 steps, tiny checkpoint): the plan is printed once and written to
     out_dir/memory_plan.json; a run whose probe is stubbed out logs the same metrics and ends with the
-    same weights. Cost ~20-40 s (two short runs with a grader process each)."""
+    same weights. Cost ~1.3 s idle (two short runs with a grader process each); ~8 s at load 12."""
     rows = T.train(tiny_train_config(tmp_path, tmp_path / "probed"))
     printed = capsys.readouterr().out
     assert printed.count("memory plan (cpu") == 1
