@@ -241,7 +241,7 @@ def save_checkpoint(cfg, ctx, model, opt, ref, state):
 def export(cfg, ctx, model):
     """OUT/hf: the policy in the HF layout (every rank helps gather FSDP shards; rank 0 writes)."""
     full = None
-    if ctx.enabled:
+    if D.is_sharded(model):  # every rank takes part in gathering the shards; rank 0 writes
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     err = None

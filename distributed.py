@@ -45,6 +45,27 @@ def setup(device: str | None = None) -> Dist:
     return d
 
 
+def fsdp_path(fsdp: bool, d: Dist) -> bool:
+    """Whether train.py shards its models with FSDP2: under torchrun, and on a single GPU too, so that one
+    GPU computes exactly as N do (bf16 parameters gathered for every layer, float32 master weights and
+    gradient reduction). Without it one GPU kept a float32 residual stream under autocast while its bf16
+    reference did not, and the KL was not 0 at a stage's first step. The CPU path stays plain float32."""
+    return fsdp and (d.enabled or d.device.type == "cuda")
+
+
+def ensure_process_group(d: Dist):
+    """FSDP2 needs a process group; a single process gets a one-rank group of its own (no torchrun)."""
+    if not dist.is_initialized():
+        backend = "nccl" if d.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=d.device if backend == "nccl" else None)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -88,6 +109,7 @@ def shard_model(model, d: Dist, compute_dtype=None, reshard_after_forward=True):
     compute_dtype (bf16 on GPU) is what the layers see, gradients are reduced in float32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    ensure_process_group(d)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:

@@ -12,9 +12,11 @@ tokens; pass@1 is the mean correctness, printed with its standard error (the sam
 samples), plus the unbiased pass@k for k <= n.
 
 Every sample is appended to OUT/samples.jsonl (one shard per rank under torchrun) as soon as its chunk
-of problems finishes, so an interrupted eval resumes where it stopped. Problems are cut into fixed
-chunks, each sampled with a seed derived from (seed, set, chunk): the same chunk gets the same samples
-whatever the number of ranks, and whether or not the run was interrupted.
+of problems finishes, so an interrupted eval resumes where it stopped. Every set is spread over all
+ranks (a contiguous slice each: AIME's 30 problems keep 8 GPUs busy, not one), each slice cut into
+chunks of chunk_size problems per generate() call. A sample's draws are keyed by (seed, set, problem
+index, sample, position), so it is the same whatever the number of ranks or chunks, and whether or not
+the run was interrupted.
 
 The trainer's periodic validation calls evaluate() in-process with its own engine and grader.
 """
@@ -378,18 +380,21 @@ def make_prompts(tokenizer, datasets, cfg, verbose=True):
     return prompts, too_long
 
 
-def chunks(prompts, chunk_size):
-    """Fixed chunks of each set, in order: [(set, chunk index, [(row, ids)])]."""
+def chunks(prompts, chunk_size, rank=0, world_size=1):
+    """This rank's share: a contiguous slice of every set, cut into chunks of at most chunk_size problems.
+    [(set, index of the chunk's first problem in the set, [(row, ids)])]."""
     out = []
     for name, items in prompts.items():
-        for c in range(0, len(items), chunk_size):
-            out.append((name, c // chunk_size, items[c:c + chunk_size]))
+        lo, hi = len(items) * rank // world_size, len(items) * (rank + 1) // world_size
+        for c in range(lo, hi, chunk_size):
+            out.append((name, c, items[c:min(c + chunk_size, hi)]))
     return out
 
 
-def chunk_seed(seed, name, index):
-    # a stable hash (Python's hash() is salted per process), so ranks and resumes agree
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()[:4], "little")
+def set_seed(seed, name):
+    # a stable hash (Python's hash() is salted per process), so ranks and resumes agree; the engine keys
+    # each draw by the problem's index in its set on top of it (generate's first_prompt_index)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
 
 
 def grade(responses, golds, require_think, grader):
@@ -415,19 +420,19 @@ def as_engine(engine_or_model, tokenizer, cfg, engine_kwargs=None):
 
 
 def run_chunk(engine, tokenizer, name, index, items, cfg, grader, eos, progress=False):
-    """Sample n responses for each problem of the chunk and grade them -> sample records.
-    progress: the engine's own bar (tokens/s, running sequences) inside the chunk."""
+    """Sample n responses for each problem of the chunk (index: its first problem's index in the set) and
+    grade them -> sample records. progress: the engine's own bar (tokens/s, running sequences)."""
     comps = engine.generate([ids for _, ids in items], max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, seed=chunk_seed(cfg.seed, name, index),
-                            stop_token_ids=eos, progress=progress)
+                            top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, seed=set_seed(cfg.seed, name),
+                            stop_token_ids=eos, progress=progress, first_prompt_index=index)
     if len(comps) != len(items) * cfg.n:
         raise RuntimeError(f"engine returned {len(comps)} completions for {len(items)} prompts x n={cfg.n}")
     texts = [tokenizer.decode(strip_eos(c.token_ids, eos)) for c in comps]
-    golds = [items[c.prompt_index][0]["golds"] for c in comps]
+    golds = [items[c.prompt_index - index][0]["golds"] for c in comps]  # the engine numbers prompts from index
     rewards = grade(texts, golds, cfg.require_think, grader)
     records = []
     for c, text, r in zip(comps, texts, rewards):
-        row, ids = items[c.prompt_index]
+        row, ids = items[c.prompt_index - index]
         records.append({"dataset": name, "problem_id": row["id"], "sample": c.sample_index, "chunk": index,
                         "response": text, "extracted": extract(text, cfg.require_think), "reward": r,
                         "length": len(c.token_ids), "finish_reason": c.finish_reason, "prompt_tokens": len(ids)})
@@ -445,8 +450,8 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
              max_tokens=32768, seed=0, require_think=True, think_template=None, max_prompt_tokens=2048,
              chunk_size=64, ks=(), grader=None, out_jsonl=None, resume=True, rank=0, world_size=1,
              run_info=None, progress=True, engine_kwargs=None):
-    """Sample, grade and summarize. datasets: {set name: rows from load_dataset}. Chunks are dealt
-    round-robin to ranks; every rank returns the same results (compact stats are all-gathered).
+    """Sample, grade and summarize. datasets: {set name: rows from load_dataset}. Every set is split over
+    the ranks; every rank returns the same results (compact stats are all-gathered).
     With out_jsonl, each sample is appended to it (rank shards under world_size > 1) and, with
     resume, samples already there are reused. A model gets a fresh sample.Engine (engine_kwargs)."""
     cfg = EvalConfig(n, temperature, top_p, top_k, max_tokens, seed, require_think, think_template,
@@ -455,12 +460,12 @@ def evaluate(engine_or_model, tokenizer, datasets, *, n=16, temperature=0.6, top
     engine = as_engine(engine_or_model, tokenizer, cfg, engine_kwargs)
     eos = list(tokenizer.eos_token_ids)
     prompts, too_long = make_prompts(tokenizer, datasets, cfg, verbose=rank == 0)
-    mine = [ch for i, ch in enumerate(chunks(prompts, chunk_size)) if i % world_size == rank]
+    mine = chunks(prompts, chunk_size, rank, world_size)
     done, path = {}, None
     if out_jsonl:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
         path = shard_path(out_jsonl, rank, world_size)
-        meta = {**cfg.fingerprint(), **(run_info or {})}
+        meta = {**cfg.fingerprint(), "sample_keys": "per-problem", **(run_info or {})}  # not per chunk, as before
         if not resume and rank == 0:
             for p in [out_jsonl] + glob.glob(f"{glob.escape(os.path.splitext(out_jsonl)[0])}.rank*.jsonl"):
                 if os.path.exists(p):

@@ -203,9 +203,10 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     with torch.autocast(hidden.device.type, enabled=False):
         out = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
                                    1.0 / float(temperature), bool(return_entropy), max(1, ct), max(1, cv))
-    if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+    # not a view when no reshape is needed (the model's [N] case): an in-place op on a view returned by an
+    # FSDP-wrapped forward would skip its pre-backward hook (FSDP2 warns about exactly that)
+    own = lambda t: t if t.shape == lead else t.view(lead)  # noqa: E731
+    return (own(out[0]), own(out[1])) if return_entropy else own(out)
 
 # -----------------------------------------------------------------------------
 # The loss

@@ -17,6 +17,7 @@ KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor p
 """
 import errno
 import functools
+import inspect
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from grpo import token_logprobs
@@ -228,35 +230,125 @@ def apply_rotary(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# Attention implementations. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]
+# Packed (varlen) attention for training and evaluation: q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], causal
+# per sequence, never a [heads, n, n] matrix. One flash-class call per micro-batch where the stack has one
+# (flash-attn's varlen function, else torch.nn.attention.varlen), else SDPA once per sequence on 4-D tensors
+# with the math backend off: what no fused kernel takes raises instead of quietly costing O(n^2) memory.
+
+try:  # PyTorch's own variable-length attention (flash kernels, CUDA only): torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
+
+# SDPA backends that tile (O(n) memory). CUDA: flash takes bf16/fp16 with GQA, memory-efficient takes float32
+# but has GQA compiled out. CPU: its flash kernel takes every float dtype, GQA included. A caller's narrower
+# choice (torch.nn.attention.sdpa_kernel) is respected; the math backend is never allowed.
+FUSED_SDPA = {"cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cpu": [SDPBackend.FLASH_ATTENTION]}
 
 
-def varlen_attention_torch(q, k, v, meta: Varlen, scale):
-    """SDPA once per sequence. On CPU and GPU this beat one dense block-diagonal mask (O(N^2) memory)
-    and eager FlexAttention (see bench/model.py); the Python loop costs one launch per sequence."""
-    out = torch.empty_like(q)
-    start = 0
-    for n in meta.seqlens:
-        if n:
-            sl = slice(start, start + n)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                               is_causal=True, scale=scale, enable_gqa=True)
-            out[sl] = o.transpose(0, 1)
-        start += n
+def fused_sdpa_backends(device_type):
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled()}
+    allowed = [b for b in FUSED_SDPA.get(device_type, FUSED_SDPA["cuda"]) if enabled.get(b)]
+    if not allowed:
+        raise RuntimeError(f"packed attention on {device_type}: none of the tiled SDPA backends "
+                           f"{FUSED_SDPA.get(device_type)} is enabled, and the math backend would build [heads, n, n]")
+    return allowed
+
+
+def sdpa_per_sequence(q, k, v, meta: Varlen, scale):
+    """SDPA once per sequence on [1, heads, n, D] views (3-D inputs would take the math backend). Float32
+    on CUDA: flash refuses it and memory-efficient has no GQA, so the KV heads are expanded first."""
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and q.is_cuda and q.dtype == torch.float32:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    out, start = torch.empty_like(q), 0
+    with sdpa_kernel(fused_sdpa_backends(q.device.type)):
+        for n in meta.seqlens:
+            if n:
+                sl = slice(start, start + n)
+                o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                                   v[sl].transpose(0, 1)[None], is_causal=True, scale=scale,
+                                                   enable_gqa=gqa)
+                out[sl] = o[0].transpose(0, 1)
+            start += n
     return out
+
+
+def torch_varlen_kwargs():
+    """Causality and GQA as the installed torch spells them: is_causal=True (2.10) became
+    window_size=(-1, 0) (2.11); enable_gqa appeared in 2.12 (earlier releases pass fewer KV heads straight
+    to the flash kernel, which supports them). Checked against SDPA once per device (varlen_backend)."""
+    params = inspect.signature(torch_varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return {**kw, "enable_gqa": True} if "enable_gqa" in params else kw, "scale" in params
+
+
+def torch_varlen(q, k, v, meta: Varlen, scale):
+    kw, takes_scale = torch_varlen_kwargs()
+    if not takes_scale and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("torch.nn.attention.varlen.varlen_attn of this torch has no scale argument")
+    return torch_varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kw,
+                             **({"scale": scale} if takes_scale else {}))
+
+
+def flash_attn_varlen(q, k, v, meta: Varlen, scale):
+    return flash_attn_varlen_func(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                                  softmax_scale=scale, causal=True)
+
+
+VARLEN_IMPLS = {"flash-attn": flash_attn_varlen, "torch-varlen": torch_varlen, "sdpa-per-sequence": sdpa_per_sequence}
+_checked = {}  # (device, dtype, Hq, Hkv, D) -> torch varlen agrees with SDPA there
+
+
+def varlen_backend(q, k) -> str:
+    """Which packed-attention implementation runs for these inputs (a key of VARLEN_IMPLS)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa-per-sequence"
+    if flash_attn_varlen_func is not None:
+        return "flash-attn"
+    if torch_varlen_attn is not None and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        key = (str(q.device), q.dtype, q.shape[1], k.shape[1], q.shape[2])
+        if key not in _checked:
+            _checked[key] = check_torch_varlen(*key)
+        if _checked[key]:
+            return "torch-varlen"
+    return "sdpa-per-sequence"
+
+
+def check_torch_varlen(device, dtype, hq, hkv, d):
+    """Forward and backward of torch's varlen attention against SDPA per sequence on a small packed batch
+    (GQA, three sequences). Any error or mismatch: warn once and use SDPA per sequence instead."""
+    g = torch.Generator(device=device).manual_seed(0)
+    meta = Varlen.from_seqlens([37, 1, 90], device)
+    x = [torch.randn(128, h, d, device=device, dtype=dtype, generator=g).requires_grad_() for h in (hq, hkv, hkv)]
+    try:  # first called from inside a forward maybe: under no_grad, autocast or a checkpoint's saved-tensor hooks
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            outs = [[o, *torch.autograd.grad(o.float().square().sum(), x)]
+                    for o in (fn(*x, meta, d ** -0.5) for fn in (torch_varlen, sdpa_per_sequence))]
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        import warnings
+        warnings.warn(f"torch.nn.attention.varlen disagrees with SDPA here ({e!r:.300}); packed attention "
+                      "uses SDPA once per sequence")
+        return False
+
+
+def varlen_attention(q, k, v, meta: Varlen, scale):
+    """model.ATTENTION["varlen"]: the implementation varlen_backend picks."""
+    return VARLEN_IMPLS[varlen_backend(q, k)](q, k, v, meta, scale)
 
 
 # The paged twins live beside their Triton kernels (kernels/), which use_triton() below swaps in.
 from kernels.kv_write import write_kv_cache_torch  # noqa: E402
 from kernels.prefill_attention import paged_attention_torch  # noqa: E402
 
-
-def use_flash_attn(x):
-    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
-
-# Engines may swap these for Triton kernels (kernels/) behind the same signatures: use_triton().
-ATTENTION = {"varlen": varlen_attention_torch, "paged": paged_attention_torch, "write_kv": write_kv_cache_torch}
+# Engines swap the paged entries for Triton kernels (kernels/) behind the same signatures: use_triton().
+ATTENTION = {"varlen": varlen_attention, "paged": paged_attention_torch, "write_kv": write_kv_cache_torch}
 
 
 def use_triton(enable=True):
@@ -303,7 +395,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         if isinstance(meta, Varlen):
-            o = self.attend_varlen(q, k, v, meta, scale)
+            o = ATTENTION["varlen"](q, k, v, meta, scale)
             if kv_cache is not None:  # prefill that also fills the cache: needs slot_mapping, see Engine
                 raise ValueError("a Varlen batch does not write the KV cache; use Paged metadata")
         else:
@@ -312,11 +404,6 @@ class Attention(nn.Module):
             o = ATTENTION["paged"](q, k_cache, v_cache, meta, positions, scale)
         return self.o_proj(o.reshape(N, -1))
 
-    def attend_varlen(self, q, k, v, meta, scale):
-        if use_flash_attn(q):
-            return flash_attn_varlen_func(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                          meta.max_seqlen, softmax_scale=scale, causal=True)
-        return ATTENTION["varlen"](q, k, v, meta, scale)
 
 
 class MLP(nn.Module):

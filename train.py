@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed import ReduceOp
 
+import checkpoint as C
 import distributed as D
 import eval as E
 import grpo
+import memory
 import model as M
-import checkpoint as C
 from checkpoint import ckpt_dirs, load_checkpoint, logged_step, save_checkpoint, truncate_log  # noqa: F401
 from configurator import ConfigError, check_fields, configure, help_text
 from loggers import Mirrors
@@ -110,14 +111,14 @@ class TrainConfig:
     shuffle_advantages: bool = False  # control experiment: advantages permuted across samples
     # engine
     engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU [x == "auto" or x in M.DTYPES]
-    engine_memory: float | None = None  # KV-cache bytes (None: the engine decides) [x > 0]
+    engine_memory: float | None = None  # KV-cache bytes (None: measured at start-up, memory.py) [x > 0]
     engine_max_num_seqs: int = 256   # most sequences the engine decodes at once [x >= 1]
-    trainer_reserve_gb: float = 16.0  # GPU memory kept free of the KV pool for the update's activations [x >= 0]
+    memory_margin_gb: float = 4.0    # GPU memory the measured plan keeps free beyond its probe (memory.py) [x >= 0]
     # system
     device: str = "auto"             # auto (CUDA if present), cpu, cuda [x == "auto" or x.startswith(("cpu", "cuda"))]
     compute_dtype: str = "bfloat16"  # autocast dtype on CUDA; master weights stay float32 [x in M.DTYPES]
     gradient_checkpointing: bool = True  # recompute each layer in backward (less activation memory)
-    fsdp: bool = True                # under torchrun: shard with FSDP2 (False: replicate, all-reduce gradients)
+    fsdp: bool = True                # FSDP2 under torchrun and on one GPU (False: replicate, all-reduce gradients)
     seed: int = 0                    # data order, sampling and initial RNG state
     threads: int = 0                 # torch CPU threads (0: torch's default) [x >= 0]
     # bookkeeping
@@ -480,7 +481,8 @@ class TrainingDiverged(RuntimeError):
     pass
 
 def build(cfg, ctx):
-    """Policy (float32 master weights), frozen reference, and the engine's own copy of the weights."""
+    """Policy (float32 master weights), frozen reference, the engine's own copy of the weights, and the
+    memory plan that sized the engine's KV pool: probe -> KV pool -> the engine captures its graphs."""
     from sample import Engine
     tok = M.Tokenizer.from_pretrained(cfg.init_from)
     model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=torch.float32)
@@ -488,9 +490,10 @@ def build(cfg, ctx):
     low = M.DTYPES[cfg.compute_dtype] if ctx.device.type == "cuda" else torch.float32
     ref = (M.from_pretrained(cfg.init_from, device=ctx.device, dtype=low).eval().requires_grad_(False)
            if cfg.kl_coef else None)
-    if ctx.enabled and cfg.fsdp:
-        # FSDP2: each rank keeps 1/world of the float32 master weights, gradients and AdamW moments; layers
-        # compute in `low` and gradients are reduce-scattered in float32. The frozen reference is sharded too.
+    if D.fsdp_path(cfg.fsdp, ctx):
+        # FSDP2 (on one GPU too: the same numerics as N): each rank keeps 1/world of the float32 master
+        # weights, gradients and AdamW moments; layers compute in `low` and gradients are reduce-scattered
+        # in float32. The frozen reference is sharded too.
         D.shard_model(model, ctx, compute_dtype=None if low == torch.float32 else low)
         model.reduces_own_grads = True
         if ref is not None:
@@ -498,29 +501,19 @@ def build(cfg, ctx):
     edtype = low if cfg.engine_dtype == "auto" else M.DTYPES[cfg.engine_dtype]
     engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
     max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
-    engine = Engine(engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
-                    **kv_pool_size(cfg, ctx, model), vocab_limit=tok.vocab_size,
-                    eos_token_ids=tok.eos_token_ids)
-    return tok, model, ref, engine
-
-def kv_pool_size(cfg, ctx, model):
-    """The engine's KV pool is sized once and sits beside the trainer for the whole run: on a GPU it gets
-    a share of the free memory that leaves what training will still allocate (gradients and AdamW's two
-    moments, 12 bytes per float32 master parameter held by this rank, plus an activation reserve); the
-    engine then takes its own sampling/prefill temporaries out of its share. Preemption covers the rest."""
-    if cfg.engine_memory or ctx.device.type != "cuda":
-        return {"memory_budget": cfg.engine_memory}
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(ctx.device)
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    keep = 12 * local + cfg.trainer_reserve_gb * 2**30
-    if free * 0.95 <= keep:
-        raise SystemExit(f"no GPU memory left for the KV pool ({free / 2**30:.1f} GB free, trainer needs "
-                         f"{keep / 2**30:.1f} GB): lower trainer_reserve_gb or token_budget")
-    return {"gpu_memory_fraction": (free * 0.95 - keep) / free}
+    make_engine = functools.partial(Engine, engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
+                                    vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+    plan = memory.plan_for_training(cfg, ctx, model, ref, engine_model, make_engine, max_len,
+                                    functools.partial(autocast, cfg, ctx), functools.partial(make_optimizer, cfg=cfg))
+    engine = make_engine(memory_budget=plan.kv_bytes)
+    plan.engine_built(engine)
+    if ctx.rank == 0:
+        print(plan.text(), flush=True)
+    return tok, model, ref, engine, plan
 
 def make_optimizer(model, cfg):
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 def rollout_stats(samples, rewards, group_size, ctx):
     """Global (all-rank) reward / length / group statistics of the step's samples."""
@@ -560,7 +553,7 @@ def run(cfg, ctx, grader):
         raise SystemExit(f"prompts_per_step ({cfg.prompts_per_step}) must divide across {ctx.world_size} ranks: "
                          "each rank rolls out whole groups of its own prompts")
     candidates = C.prepare_out_dir(cfg, ctx, say)  # before anything loads: never mixes or destroys runs
-    tok, model, ref, engine = build(cfg, ctx)
+    tok, model, ref, engine, plan = build(cfg, ctx)
     items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data)
     say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
         f"{cfg.max_prompt_tokens} tokens, {counts['no_answer']} without a usable answer, "
@@ -574,6 +567,7 @@ def run(cfg, ctx, grader):
         say(f"resumed from {path}: steps 0-{step - 1} done, continuing at step {step} (data position {pos})")
     if master:
         truncate_log(metrics_path, step)
+        plan.save(cfg.out_dir)
     mirrors = Mirrors(cfg, enabled=master)  # TensorBoard / W&B copies of metrics.jsonl, when asked for
     data = PromptStream(items, cfg.seed, pos)
     last = min(cfg.total_steps(), cfg.max_steps or cfg.total_steps())
@@ -637,6 +631,8 @@ def run(cfg, ctx, grader):
         row.update(zip(health, D.all_reduce(torch.tensor([*health.values()], device=ctx.device), ctx).tolist()))
         row["time_step"] = time.time() - t0
         rows.append(row)
+        if master and len(rows) == 1 and ctx.device.type == "cuda":  # the plan beside what a real step used
+            say(plan.observe(ctx.device, cfg.out_dir))
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -668,6 +664,7 @@ def run(cfg, ctx, grader):
 def train(cfg):
     from reward import Grader
     check_config(cfg)  # a config built in code gets the command line's checks
+    memory.expandable_segments()  # before CUDA's allocator starts
     # the grader's worker processes are forked before any CUDA/NCCL state exists
     if cfg.threads:  # before the demo's warm-start too
         torch.set_num_threads(cfg.threads)

@@ -124,10 +124,11 @@ class ScriptedEngine:
     def __init__(self, tokenizer, script=None, die_after=None):
         self.tok, self.script, self.die_after, self.calls = tokenizer, script or {}, die_after, []
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, top_k, n, seed, stop_token_ids, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, top_k, n, seed, stop_token_ids, progress=False,
+                 first_prompt_index=0):
         if self.die_after is not None and len(self.calls) >= self.die_after:
             raise KeyboardInterrupt("simulated interruption")
-        self.calls.append((len(prompts), seed))
+        self.calls.append((len(prompts), seed, first_prompt_index))
         self.prompts = [self.tok.decode(p) for p in prompts]
         out = []
         for p, ids in enumerate(prompts):
@@ -137,10 +138,12 @@ class ScriptedEngine:
                 if problem is not None:
                     resp = self.script[problem][s]
                 else:
-                    resp = f"<think>hmm</think> \\boxed{{{random.Random(f'{seed}/{p}/{s}').randint(0, 3)}}}"
+                    draw = random.Random(f"{seed}/{first_prompt_index + p}/{s}").randint(0, 3)
+                    resp = f"<think>hmm</think> \\boxed{{{draw}}}"
                 ids_out = self.tok.encode(resp)[:max_new_tokens]
                 stop = len(ids_out) < max_new_tokens
-                out.append(Completion(ids_out + ([stop_token_ids[0]] if stop else []), [], "stop" if stop else "length", p, s))
+                out.append(Completion(ids_out + ([stop_token_ids[0]] if stop else []), [], "stop" if stop else "length",
+                                      first_prompt_index + p, s))
         return out
 
 
@@ -229,13 +232,15 @@ def test_rank_split_covers_every_chunk_once(tmp_path, tokenizer, monkeypatch):
     one = E.evaluate(ScriptedEngine(tokenizer), tokenizer, datasets, out_jsonl=str(tmp_path / "one/s.jsonl"), **kw)
     monkeypatch.setattr(E, "barrier", lambda ws: None)
     monkeypatch.setattr(E, "gather", lambda stats, tok, sec, ws: (stats, tok, sec))
-    out, seeds = str(tmp_path / "two/s.jsonl"), []
+    out, problems = str(tmp_path / "two/s.jsonl"), []
     for rank in (0, 1):
         eng = ScriptedEngine(tokenizer)
         E.evaluate(eng, tokenizer, datasets, out_jsonl=out, rank=rank, world_size=2, **kw)
-        seeds.append({s for _, s in eng.calls})
+        # draws are keyed per problem (set seed + the problem's index), so each rank takes a share of every set
+        problems.append({(seed, first) for _, seed, first in eng.calls})
         assert os.path.exists(str(tmp_path / f"two/s.rank{rank}.jsonl"))
-    assert not seeds[0] & seeds[1] and len(seeds[0]) == len(seeds[1]) == 3
+    assert not problems[0] & problems[1] and len(problems[0]) == len(problems[1]) == 3
+    assert len({seed for seed, _ in problems[0]}) == 3  # one problem of each of the three sets on rank 0
     assert E.read_records(out) == E.read_records(str(tmp_path / "one/s.jsonl"))
     E.write_outputs(str(tmp_path / "two"), out, 2, one, "tiny")  # merge: shards -> one file
     assert not [p for p in os.listdir(tmp_path / "two") if ".rank" in p]
@@ -381,6 +386,28 @@ def test_real_engine_interrupted_then_resumed_equals_one_run(tmp_path, tokenizer
     one, two = E.read_records(str(tmp_path / "one.jsonl")), E.read_records(str(tmp_path / "two.jsonl"))
     assert one == two and len(one) == 8
     assert len({r["response"] for r in one.values()}) > 1  # really sampled, not a constant
+
+
+def test_real_engine_samples_do_not_depend_on_the_number_of_ranks(tmp_path, tokenizer, monkeypatch):
+    """1, 2 and 3 ranks (in-process, gather stubbed) on the real engine: every set is split over the
+    ranks (a 2-problem set leaves a rank idle at 3) and the union of the shards is the one-rank run,
+    response for response: draws are keyed per problem, not per chunk."""
+    import sample
+    model = M.from_pretrained(tiny_checkpoint(str(tmp_path / "ckpt"), seed=4), dtype=__import__("torch").float32)
+    engine = sample.Engine(model, max_model_len=200 + 5, memory_budget=2**22, vocab_limit=tokenizer.vocab_size)
+    datasets = {k: E.load_dataset(os.path.join(DATA, f"{k}.json"))[0] for k in ("aime", "amc")}
+    kw = dict(n=2, max_tokens=5, chunk_size=2, max_prompt_tokens=200, temperature=1.0, progress=False)
+    monkeypatch.setattr(E, "barrier", lambda ws: None)
+    monkeypatch.setattr(E, "gather", lambda stats, tok, sec, ws: (stats, tok, sec))
+    runs = {}
+    for world in (1, 2, 3):
+        out = str(tmp_path / f"w{world}/s.jsonl")
+        for rank in range(world):
+            E.evaluate(engine, tokenizer, datasets, out_jsonl=out, rank=rank, world_size=world, **kw)
+        runs[world] = {k: {f: r[f] for f in ("response", "length", "finish_reason")}
+                       for k, r in E.read_records(out).items()}
+    assert len(runs[1]) == 2 * 2 * 2 and len({r["response"] for r in runs[1].values()}) > 1
+    assert runs[2] == runs[1] and runs[3] == runs[1]
 
 
 def test_prompt_template_choice_is_separate_from_grading(tokenizer):
