@@ -35,15 +35,26 @@ import train as T  # noqa: E402
 from engine import Engine  # noqa: E402
 
 
-class LengthCappedEngine(Engine):
-    """The engine with each response stopped at a length drawn for it (benchmarks only)."""
-    target_lengths = {}
-
-    def _append(self, seq, token, logprob):
-        super()._append(seq, token, logprob)
-        target = self.target_lengths.get((seq.prompt_index, seq.sample_index))
-        if seq.finish_reason is None and target is not None and seq.num_generated >= target:
-            self._finish(seq, "length")
+def capped_rollout(engine, prompts, group, lengths, cap):
+    """engine.generate() with each response stopped at the length drawn for it, through the engine's public
+    step-level API: one request per prompt (its samples share the prompt's blocks), a sample aborted once it
+    has its tokens (on CUDA the host reads tokens a step late: what it drew past its length is cut here).
+    Returns Samples-to-be: (prompt index, token ids, log-probs), prompt-major."""
+    from engine import SamplingParams
+    engine.reset_stats()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=cap, temperature=0.6, n=group, seed=0,
+                                                          prompt_index=i, ignore_eos=True))
+    got = {(i, j): ([], []) for i in range(len(prompts)) for j in range(group)}
+    while engine.has_unfinished():
+        for out in engine.step():
+            key = (int(out.request_id), out.sample_index)
+            tokens, logprobs = got[key]
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+            if not out.finished and len(tokens) >= lengths[key[0] * group + key[1]]:
+                engine.abort(out.request_id, out.sample_index)
+    return [(i, got[i, j][0][:n], got[i, j][1][:n]) for (i, j), n in zip(got, lengths)]
 
 
 def draw_lengths(n, cap, mean, cap_frac, seed):
@@ -222,7 +233,7 @@ def main():
     policy, ref, eng = build_models(cfg_model, cfg, ctx)
     opt = T.make_optimizer(policy, cfg)
     max_len = args.prompt_len + cap
-    make_engine = functools.partial(LengthCappedEngine, eng, max_model_len=max_len, max_num_seqs=256,
+    make_engine = functools.partial(Engine, eng, max_model_len=max_len, max_num_seqs=256,
                                     vocab_limit=cfg_model.vocab_size)
     t0 = time.perf_counter()
     plan = memory.plan_for_training(cfg, ctx, policy, ref, eng, make_engine, max_len,
@@ -230,7 +241,6 @@ def main():
     engine = make_engine(memory_budget=plan.kv_bytes, ignore_eos=True)
     plan.engine_built(engine)
     t_plan = time.perf_counter() - t0
-    engine.target_lengths = {(i // args.group, i % args.group): n for i, n in enumerate(lengths)}
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg_model.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     if device.type == "cuda":
@@ -247,10 +257,9 @@ def main():
         return out
 
     phase("weight sync", lambda: T.D.sync_weights(policy, eng))
-    comps = phase("rollout", lambda: engine.generate(prompts, max_new_tokens=cap, temperature=0.6, n=args.group, seed=0))
-    gen_tokens = sum(len(c.token_ids) for c in comps)
-    samples = [T.Sample(prompts[c.prompt_index], list(c.token_ids), list(c.logprobs), c.finish_reason, "0")
-               for c in comps]
+    comps = phase("rollout", lambda: capped_rollout(engine, prompts, args.group, lengths, cap))
+    gen_tokens = sum(len(tokens) for _, tokens, _ in comps)
+    samples = [T.Sample(prompts[i], tokens, logprobs, "length", "0") for i, tokens, logprobs in comps]
     rewards = torch.randint(0, 2, (len(samples),), generator=g).float().tolist()  # random 0/1 rewards
     T.set_advantages(samples, rewards, cfg, stage, step=0)
     plans = [T.pack(mb, cfg.token_budget, False, device) for mb in T.split_mini_batches(samples, cfg, stage)]
