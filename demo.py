@@ -22,12 +22,14 @@ import torch
 
 import model as M
 
+import tokenizer as TK
+
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 CHARS = "0123456789+=}"
 WORDS = ["\\boxed{"]  # one token: the demo's answers are then 7 tokens, <think></think>\boxed{68}<eos>
 # The prompt format, carried by the checkpoint so sample.py / eval.py / transformers' apply_chat_template
 # all build "<bos><｜User｜>23+45<｜Assistant｜>": a real Jinja chat template (R1-distill's shape, no
-# system prompt) and, under model.INSTRUCTION_KEY, an empty instruction.
+# system prompt) and, under tokenizer.INSTRUCTION_KEY, an empty instruction.
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
             "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
@@ -68,7 +70,7 @@ def tokenizer_config():
     """Special tokens as plain strings (transformers 5 refuses a bare {"content": ...} dict); the prompt
     format (chat template, empty instruction); the context length."""
     return {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "pad_token": SPECIALS[1],
-            "model_max_length": MODEL["max_position_embeddings"], "chat_template": TEMPLATE, M.INSTRUCTION_KEY: ""}
+            "model_max_length": MODEL["max_position_embeddings"], "chat_template": TEMPLATE, TK.INSTRUCTION_KEY: ""}
 
 
 def problems(seed, n):
@@ -146,7 +148,7 @@ def prepare(cfg, warm_steps=DEMO_WARM_STEPS):
         print(f"demo: a {MODEL['num_hidden_layers']}-layer Qwen2 learns the answer format by {warm_steps} supervised "
               f"steps (once; ~40 s on 2 idle CPU cores) -> {ckpt}", flush=True)
         write_tokenizer(tok_dir)
-        tok = M.Tokenizer.from_pretrained(tok_dir)
+        tok = TK.Tokenizer.from_pretrained(tok_dir)
         torch.manual_seed(cfg.seed)
         model = M.init_weights(M.Qwen2(M.Config(**MODEL)), std=0.02, seed=cfg.seed)
         with open(train) as f:

@@ -615,6 +615,7 @@ def main(argv=None):
     out_dir = args.out or os.path.join("out", "eval", row_name.replace("/", "_"))
     import distributed
     import model as M
+    import tokenizer as TK
     import reward
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETS]
@@ -634,7 +635,7 @@ def main(argv=None):
     with reward.Grader(num_workers=args.grader_workers) as grader:
         d = distributed.setup()  # NCCL on CUDA, gloo on CPU; a long timeout, as ranks finish unevenly
         rank, world_size, device = d.rank, d.world_size, d.device
-        tokenizer = M.Tokenizer.from_pretrained(args.ckpt)
+        tokenizer = TK.Tokenizer.from_pretrained(args.ckpt)
         dtype = M.DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
         model = M.from_pretrained(args.ckpt, device=device, dtype=dtype).eval()
         max_prompt_tokens = fit_context(args, model.config.max_position_embeddings, rank)

@@ -29,6 +29,7 @@ import torch
 
 import engine as E
 import model as M
+import tokenizer as TK
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; also the engine's limit
 GREEDY_BELOW = 1e-5  # vLLM treats temperatures below this as greedy
@@ -321,7 +322,7 @@ def read_chat_template(path):
     if os.path.exists(jinja_file):
         with open(jinja_file) as f:
             template = f.read()
-    specials = {k: M.token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
+    specials = {k: TK.token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
     return template or R1_TEMPLATE, specials
 
 
@@ -403,7 +404,7 @@ class LLM:
                                           f"(a Hub model: `hf download {model} --local-dir DIR` first)")
         self.model_path = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = M.Tokenizer.from_pretrained(tokenizer or model)
+        self.tokenizer = TK.Tokenizer.from_pretrained(tokenizer or model)
         self.chat_template, self.special_tokens = read_chat_template(tokenizer or model)
         self.net = M.from_pretrained(model, device=self.device, dtype=self._dtype(model, dtype))
         self.engine_kwargs = dict(block_size=block_size, memory_budget=kv_cache_memory_bytes,

@@ -328,13 +328,13 @@ def measure_plan(*, device, world_size, policy, reference, engine_model, make_en
                  margin_bytes, prompts_per_step, group_size, kv_request=None, kv_cap=None, free=None):
     """Probe (update, then rollout), then size the pool. kv_request: the user's explicit pool (bytes);
     kv_cap: an upper bound (CPU runs); free: override the device reading (tests)."""
-    import model as M
+    import attention as A
     meter = Meter(device)
     cfg = engine_model.config
     # the packed-attention choice first (on CUDA it checks torch's varlen kernel once, outside any forward)
     dtype = autocast_dtype(autocast, meter)
     q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, device=meter.device, dtype=dtype)
-    attention = M.varlen_backend(q, q[:, :cfg.num_key_value_heads])
+    attention = A.varlen_backend(q, q[:, :cfg.num_key_value_heads])
     devices = [meter.device] if meter.cuda else []
     with torch.random.fork_rng(devices=devices):  # belt and braces: the probe draws from private generators
         meter.precise(True)

@@ -1,6 +1,6 @@
 """
 Qwen2 (DeepSeek-R1-Distill-Qwen-1.5B) written by hand: config, decoder, safetensors load/save in the
-Hugging Face layout, tokenizer and chat template.
+Hugging Face layout. (Attention metadata and packed attention: attention.py; the tokenizer: tokenizer.py.)
 
 One forward serves every caller. Tokens are flattened to [N] with their positions [N], and an
 attention-metadata object says how they relate:
@@ -11,32 +11,24 @@ attention-metadata object says how they relate:
 The forward returns final hidden states [N, H]; logits (for a few rows) or per-token log-probs of
 given targets (via grpo.token_logprobs, never [N x vocab] at once) are computed from them.
 
-KV-cache layout, fixed here and shared with sample.py and kernels/: one tensor per layer and per K/V,
+KV-cache layout, fixed here and shared with the engine (model_runner.py) and kernels/: one tensor per layer and per K/V,
     k_cache[layer], v_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
 (flash-attn's paged layout), so a token in slot s lives at block s // block_size, row s % block_size.
 """
 import errno
-import functools
-import inspect
 import json
 import math
 import os
 import shutil
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from attention import Paged, Varlen, varlen_attention  # noqa: F401 (Paged, Varlen: model.Paged etc.)
 from grpo import token_logprobs
-
-try:  # optional: used on CUDA when installed, never required
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 # -----------------------------------------------------------------------------
 # Config
@@ -168,45 +160,6 @@ class Config:
         }
 
 
-# -----------------------------------------------------------------------------
-# Attention metadata
-
-
-@dataclass
-class Varlen:
-    """Packed sequences, each causal on its own. seqlens is on the host (the caller built the batch,
-    so knowing it costs no sync); cu_seqlens [B+1] int32 is on the device."""
-    cu_seqlens: torch.Tensor
-    seqlens: list
-    max_seqlen: int
-
-    @classmethod
-    def from_seqlens(cls, seqlens, device=None):
-        seqlens = [int(n) for n in seqlens]
-        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-        if seqlens:
-            cu[1:] = torch.tensor(seqlens).cumsum(0)
-        return cls(cu.to(device), seqlens, max(seqlens, default=0))
-
-
-@dataclass
-class Paged:
-    """New tokens of B sequences whose context lives in the paged KV cache.
-
-    slot_mapping [N] int64: cache slot that receives each new token's K/V (block * block_size + row).
-    block_tables [B, max_blocks] int32: the blocks of each sequence, in order (unused entries: any valid id).
-    context_lens [B] int32: tokens of context of each sequence *including* its new tokens.
-    cu_seqlens_q [B+1] int32: where each sequence's new tokens start in the flattened batch.
-    max_seqlen_q: host int, most new tokens of any sequence (1 for decode).
-    All tensors keep fixed shapes for a given batch, so a decode step can be captured in a CUDA graph.
-    """
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    max_seqlen_q: int
-
-
 def rms_norm(x, weight, eps):
     # statistics in float32, result in the input dtype (matches the reference implementation bit for bit)
     dtype = x.dtype
@@ -227,120 +180,6 @@ def apply_rotary(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-# -----------------------------------------------------------------------------
-# Packed (varlen) attention for training and evaluation: q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], causal
-# per sequence, never a [heads, n, n] matrix. One flash-class call per micro-batch where the stack has one
-# (flash-attn's varlen function, else torch.nn.attention.varlen), else SDPA once per sequence on 4-D tensors
-# with the math backend off: what no fused kernel takes raises instead of quietly costing O(n^2) memory.
-
-try:  # PyTorch's own variable-length attention (flash kernels, CUDA only): torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except ImportError:
-    torch_varlen_attn = None
-
-# SDPA backends that tile (O(n) memory). CUDA: flash takes bf16/fp16 with GQA, memory-efficient takes float32
-# but has GQA compiled out. CPU: its flash kernel takes every float dtype, GQA included. A caller's narrower
-# choice (torch.nn.attention.sdpa_kernel) is respected; the math backend is never allowed.
-FUSED_SDPA = {"cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cpu": [SDPBackend.FLASH_ATTENTION]}
-
-
-def fused_sdpa_backends(device_type):
-    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
-               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled()}
-    allowed = [b for b in FUSED_SDPA.get(device_type, FUSED_SDPA["cuda"]) if enabled.get(b)]
-    if not allowed:
-        raise RuntimeError(f"packed attention on {device_type}: none of the tiled SDPA backends "
-                           f"{FUSED_SDPA.get(device_type)} is enabled, and the math backend would build [heads, n, n]")
-    return allowed
-
-
-def sdpa_per_sequence(q, k, v, meta: Varlen, scale):
-    """SDPA once per sequence on [1, heads, n, D] views (3-D inputs would take the math backend). Float32
-    on CUDA: flash refuses it and memory-efficient has no GQA, so the KV heads are expanded first."""
-    gqa = k.shape[1] != q.shape[1]
-    if gqa and q.is_cuda and q.dtype == torch.float32:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        gqa = False
-    out, start = torch.empty_like(q), 0
-    with sdpa_kernel(fused_sdpa_backends(q.device.type)):
-        for n in meta.seqlens:
-            if n:
-                sl = slice(start, start + n)
-                o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
-                                                   v[sl].transpose(0, 1)[None], is_causal=True, scale=scale,
-                                                   enable_gqa=gqa)
-                out[sl] = o[0].transpose(0, 1)
-            start += n
-    return out
-
-
-def torch_varlen_kwargs():
-    """Causality and GQA as the installed torch spells them: is_causal=True (2.10) became
-    window_size=(-1, 0) (2.11); enable_gqa appeared in 2.12 (earlier releases pass fewer KV heads straight
-    to the flash kernel, which supports them). Checked against SDPA once per device (varlen_backend)."""
-    params = inspect.signature(torch_varlen_attn).parameters
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return {**kw, "enable_gqa": True} if "enable_gqa" in params else kw, "scale" in params
-
-
-def torch_varlen(q, k, v, meta: Varlen, scale):
-    kw, takes_scale = torch_varlen_kwargs()
-    if not takes_scale and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
-        raise ValueError("torch.nn.attention.varlen.varlen_attn of this torch has no scale argument")
-    return torch_varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kw,
-                             **({"scale": scale} if takes_scale else {}))
-
-
-def flash_attn_varlen(q, k, v, meta: Varlen, scale):
-    return flash_attn_varlen_func(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                                  softmax_scale=scale, causal=True)
-
-
-VARLEN_IMPLS = {"flash-attn": flash_attn_varlen, "torch-varlen": torch_varlen, "sdpa-per-sequence": sdpa_per_sequence}
-_checked = {}  # (device, dtype, Hq, Hkv, D) -> torch varlen agrees with SDPA there
-
-
-def varlen_backend(q, k) -> str:
-    """Which packed-attention implementation runs for these inputs (a key of VARLEN_IMPLS)."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return "sdpa-per-sequence"
-    if flash_attn_varlen_func is not None:
-        return "flash-attn"
-    if torch_varlen_attn is not None and torch.cuda.get_device_capability(q.device) >= (8, 0):
-        key = (str(q.device), q.dtype, q.shape[1], k.shape[1], q.shape[2])
-        if key not in _checked:
-            _checked[key] = check_torch_varlen(*key)
-        if _checked[key]:
-            return "torch-varlen"
-    return "sdpa-per-sequence"
-
-
-def check_torch_varlen(device, dtype, hq, hkv, d):
-    """Forward and backward of torch's varlen attention against SDPA per sequence on a small packed batch
-    (GQA, three sequences). Any error or mismatch: warn once and use SDPA per sequence instead."""
-    g = torch.Generator(device=device).manual_seed(0)
-    meta = Varlen.from_seqlens([37, 1, 90], device)
-    x = [torch.randn(128, h, d, device=device, dtype=dtype, generator=g).requires_grad_() for h in (hq, hkv, hkv)]
-    try:  # first called from inside a forward maybe: under no_grad, autocast or a checkpoint's saved-tensor hooks
-        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            outs = [[o, *torch.autograd.grad(o.float().square().sum(), x)]
-                    for o in (fn(*x, meta, d ** -0.5) for fn in (torch_varlen, sdpa_per_sequence))]
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        import warnings
-        warnings.warn(f"torch.nn.attention.varlen disagrees with SDPA here ({e!r:.300}); packed attention "
-                      "uses SDPA once per sequence")
-        return False
-
-
-def varlen_attention(q, k, v, meta: Varlen, scale):
-    """model.ATTENTION["varlen"]: the implementation varlen_backend picks."""
-    return VARLEN_IMPLS[varlen_backend(q, k)](q, k, v, meta, scale)
 
 
 # The paged twins live beside their Triton kernels (kernels/), which use_triton() below swaps in.
@@ -728,113 +567,6 @@ def recover_temporaries(path):
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer and chat template
-
-USER, ASSISTANT, THINK = "<｜User｜>", "<｜Assistant｜>", "<think>\n"
-MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-# tokenizer_config.json key (ours; transformers keeps unknown keys and ignores them): the instruction this
-# checkpoint's prompts end with. Absent: DeepScaleR's MATH_INSTRUCTION. The demo's is "" (its tokenizer
-# has 21 characters and could not spell the English one).
-INSTRUCTION_KEY = "nanoscaler_instruction"
-
-
-class UnknownTokenWarning(UserWarning):
-    """Text the tokenizer cannot spell became its unknown token: the model is shown something else."""
-
-
-@dataclass
-class Tokenizer:
-    """tokenizer.json through `tokenizers`; special tokens, EOS ids and the prompt format read from the
-    checkpoint's files."""
-    tok: object
-    bos_token: str
-    eos_token_ids: list
-    pad_token_id: int
-    think_in_template: bool = False  # the checkpoint's template ends the prompt with "<think>\n"
-    vocab_size: int = field(default=0)
-    instruction: str = MATH_INSTRUCTION  # appended to each problem (tokenizer_config.json INSTRUCTION_KEY)
-    source: str = ""                 # the tokenizer.json read, for messages
-    unknown_seen: set = field(default_factory=set, repr=False)  # characters already warned about
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-        file = os.path.join(path, "tokenizer.json")
-        try:
-            tok = HFTokenizer.from_file(file)
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from e
-        tcfg_path = os.path.join(path, "tokenizer_config.json")
-        tcfg = read_json(tcfg_path)
-        gcfg = read_json(os.path.join(path, "generation_config.json"))
-        bos = token_content(tcfg.get("bos_token"))
-        eos = token_content(tcfg.get("eos_token"))
-        pad = token_content(tcfg.get("pad_token")) or eos
-        if not bos or not eos:
-            raise CheckpointError(f"{tcfg_path}: bos_token and eos_token are required")
-        for special in (bos, eos, USER, ASSISTANT):
-            if tok.token_to_id(special) is None:
-                raise CheckpointError(f"{file}: special token {special!r} is not in the vocabulary")
-        instruction = tcfg.get(INSTRUCTION_KEY, MATH_INSTRUCTION)
-        if not isinstance(instruction, str):
-            raise CheckpointError(f"{tcfg_path}: field '{INSTRUCTION_KEY}' must be a string, got {instruction!r}")
-        eos_ids = gcfg.get("eos_token_id", tok.token_to_id(eos))
-        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
-        think = THINK.strip() in str(tcfg.get("chat_template", "")).split(ASSISTANT)[-1]
-        return cls(tok, bos, eos_ids, tok.token_to_id(pad), think, tok.get_vocab_size(with_added_tokens=True),
-                   instruction, file)
-
-    def encode(self, text: str) -> list:
-        enc = self.tok.encode(text, add_special_tokens=False)
-        if not self.spells_everything:
-            self.warn_unknown(text, enc)
-        return enc.ids
-
-    @functools.cached_property
-    def spells_everything(self):
-        """Byte-level BPE with all 256 byte symbols (Qwen's) cannot lose text: skip the per-token check."""
-        from tokenizers import pre_tokenizers
-        return (getattr(self.tok.model, "unk_token", None) is None
-                and set(pre_tokenizers.ByteLevel.alphabet()) <= self.tok.get_vocab().keys())
-
-    def warn_unknown(self, text, enc):
-        """Warn (once per character) about text the tokenizer cannot spell: mapped to its unknown token
-        (WordLevel, WordPiece), or dropped (BPE without byte fallback leaves a gap in the offsets).
-        Byte-level BPE with every byte (Qwen's) spells anything, so real checkpoints never warn."""
-        unk = getattr(self.tok.model, "unk_token", None)
-        unk_id = self.tok.token_to_id(unk) if unk else None
-        unk_text = self.tok.decode([unk_id], skip_special_tokens=False) if unk_id is not None else None
-        lost, end = set(), 0
-        for i, (a, b) in zip(enc.ids + [None], enc.offsets + [(len(text), len(text))]):
-            if a > end:  # a gap: dropped text (whitespace that a pre-tokenizer splits on is no loss)
-                lost.update(c for c in text[end:a] if not c.isspace())
-            if i == unk_id and text[a:b] != unk_text:
-                lost.update(text[a:b])
-            end = max(end, b)
-        new = sorted(lost - self.unknown_seen)
-        if new:
-            self.unknown_seen.update(new)
-            warnings.warn(f"{self.source or 'tokenizer'} has no token for {', '.join(map(repr, new))} (in {text[:80]!r}): "
-                          "the model is shown different text", UnknownTokenWarning, stacklevel=3)
-
-    def decode(self, ids, skip_special_tokens=False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def chat_prompt(self, problem: str, instruction: str | None = None, think: bool | None = None) -> str:
-        """The R1-distill template. instruction=None: the checkpoint's (DeepScaleR's unless its
-        tokenizer_config.json says otherwise); think=None follows the checkpoint (newer templates append
-        <think>\\n)."""
-        instruction = self.instruction if instruction is None else instruction
-        return chat_template(problem, self.bos_token, instruction, self.think_in_template if think is None else think)
-
-
-def chat_template(problem: str, bos: str = "<｜begin▁of▁sentence｜>", instruction: str = MATH_INSTRUCTION,
-                  think: bool = False) -> str:
-    user = f"{problem} {instruction}" if instruction else problem
-    return f"{bos}{USER}{user}{ASSISTANT}" + (THINK if think else "")
-
-
 def read_json(path):
     """A JSON object from path ({} if there is no such file); anything else is refused naming the file."""
     if not os.path.exists(path):
@@ -847,7 +579,3 @@ def read_json(path):
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def token_content(t):
-    return t.get("content") if isinstance(t, dict) else t

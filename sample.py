@@ -66,6 +66,7 @@ def position_limit(max_positions, longest_prompt, max_tokens, ap):
 
 def main():
     import model as M
+    import tokenizer as TK
     ap = argparse.ArgumentParser(description="Sample completions from a checkpoint with the chat template.")
     ap.add_argument("--ckpt", required=True, help="checkpoint folder (HF layout with tokenizer files)")
     ap.add_argument("--prompt", action="append", required=True, help="problem text (repeat for several)")
@@ -87,10 +88,10 @@ def main():
         ap.error(f"--device {args.device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False; "
                  f"torch {torch.__version__}); use --device cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tok = M.Tokenizer.from_pretrained(args.ckpt)
+    tok = TK.Tokenizer.from_pretrained(args.ckpt)
     model = M.from_pretrained(args.ckpt, device=device, dtype=dtype)
     texts = args.prompt if args.no_template else [tok.chat_prompt(p, instruction=args.instruction) for p in args.prompt]
-    prompts = [tok.encode(t) for t in texts]  # warns (model.UnknownTokenWarning) on text it cannot spell
+    prompts = [tok.encode(t) for t in texts]  # warns (tokenizer.UnknownTokenWarning) on text it cannot spell
     limit, longest = model.config.max_position_embeddings, max(map(len, prompts))
     max_tokens = args.max_tokens or max(1, min(512, limit - longest))
     max_len = position_limit(limit, longest, max_tokens, ap)

@@ -46,6 +46,7 @@ import eval as E
 import grpo
 import memory
 import model as M
+import tokenizer as TK
 from checkpoint import ckpt_dirs, load_checkpoint, logged_step, save_checkpoint, truncate_log  # noqa: F401
 from configurator import ConfigError, check_fields, configure, help_text
 from loggers import Mirrors
@@ -76,7 +77,7 @@ class TrainConfig:
     # data
     prompts_per_step: int = 128      # prompts per step, all ranks together (DeepScaleR's train_batch_size) [x >= 1]
     max_prompt_tokens: int = 1024    # longer prompts are dropped (and counted) [x >= 1]
-    instruction: str = M.MATH_INSTRUCTION  # appended to every problem in the prompt ("" = none)
+    instruction: str = TK.MATH_INSTRUCTION  # appended to every problem in the prompt ("" = none)
     # rollout
     stages: list[Stage] = field(default_factory=lambda: [Stage(1040, 8192, 8)])  # run in order [len(x) >= 1]
     temperature: float = 0.6         # rollout sampling temperature; the update's log-probs use it too [x > 0]
@@ -484,7 +485,7 @@ def build(cfg, ctx):
     """Policy (float32 master weights), frozen reference, the engine's own copy of the weights, and the
     memory plan that sized the engine's KV pool: probe -> KV pool -> the engine captures its graphs."""
     from sample import Engine
-    tok = M.Tokenizer.from_pretrained(cfg.init_from)
+    tok = TK.Tokenizer.from_pretrained(cfg.init_from)
     model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=torch.float32)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     low = M.DTYPES[cfg.compute_dtype] if ctx.device.type == "cuda" else torch.float32

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
+import tokenizer as TK  # noqa: E402
 
 FULL_PROTOCOL = {"problems": 30 + 500 + 83 + 272 + 675, "n": 16, "max_tokens": 32768}
 
@@ -39,7 +40,7 @@ class StandInTokenizer:
         return "".join(chr(32 + i % 95) for i in ids)
 
     def chat_prompt(self, problem, think=None):
-        return M.chat_template(problem, think=bool(think))
+        return TK.chat_template(problem, think=bool(think))
 
 
 def synthetic_aime(num=30, chars=420, seed=0):

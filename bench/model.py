@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import attention as A  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -133,15 +134,15 @@ def bench_attention(device, dtype, seqlens, heads=12, kv_heads=2, head_dim=128, 
                            block_mask=mask, scale=scale, enable_gqa=True)
         return o[0].transpose(0, 1)
 
-    impls = [("SDPA per sequence, 4-D (fused backends only)", M.sdpa_per_sequence),
+    impls = [("SDPA per sequence, 4-D (fused backends only)", A.sdpa_per_sequence),
              ("SDPA per sequence, 3-D (before: math backend)", sdpa_3d_per_sequence),
              ("one dense block-diagonal masked SDPA", dense), ("FlexAttention, eager", flex)]
     if device.type == "cuda":
-        impls += [(f"{name} (one call per micro-batch)", fn) for name, fn in M.VARLEN_IMPLS.items()
-                  if name != "sdpa-per-sequence" and M.varlen_backend(q, k) == name]
+        impls += [(f"{name} (one call per micro-batch)", fn) for name, fn in A.VARLEN_IMPLS.items()
+                  if name != "sdpa-per-sequence" and A.varlen_backend(q, k) == name]
     meter = Meter(device)
     meter.precise(True)
-    ref = M.sdpa_per_sequence(q, k, v, meta, scale).detach().float()
+    ref = A.sdpa_per_sequence(q, k, v, meta, scale).detach().float()
     rows = []
     for name, fn in impls:
         try:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memory  # noqa: E402
+import attention as A  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
 from engine import Engine  # noqa: E402
@@ -150,7 +151,7 @@ def attention_memory_worker(n, device, old=False):
         M.ATTENTION["varlen"] = real
         meter.precise(False)
     q = torch.empty(1, 12, 128, device=device, dtype=torch.bfloat16)
-    return {"tokens": n, "step_extra": full, "attention": full - stand_in, "backend": M.varlen_backend(q, q[:, :2]),
+    return {"tokens": n, "step_extra": full, "attention": full - stand_in, "backend": A.varlen_backend(q, q[:, :2]),
             "quadratic": 12 * n * n * 4, "old_3d_attention": None if old_3d is None else old_3d - stand_in}
 
 

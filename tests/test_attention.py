@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import attention as A
+
 import model as M
 from fixtures import random_model, tiny_config
 
@@ -46,8 +48,8 @@ def test_packed_attention_matches_float64(dtype, tol):
     seqlens = [7, 1, 30, 0, 12]  # a one-token and an empty sequence too
     q, k, v = packed(seqlens, 6, 2, 16, dtype)
     meta = M.Varlen.from_seqlens(seqlens)
-    assert M.varlen_backend(q, k) == "sdpa-per-sequence"  # CPU
-    out = M.varlen_attention(q, k, v, meta, 0.25)
+    assert A.varlen_backend(q, k) == "sdpa-per-sequence"  # CPU
+    out = A.varlen_attention(q, k, v, meta, 0.25)
     want = reference(q, k, v, seqlens, 0.25)
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -62,11 +64,11 @@ def test_math_backend_is_refused_not_used(monkeypatch):
     meta = M.Varlen.from_seqlens([9, 5])
     with sdpa_kernel([SDPBackend.MATH]):  # a caller that allows only math gets an error, not O(n^2) memory
         with pytest.raises(RuntimeError, match=r"math backend would build \[heads, n, n\]"):
-            M.varlen_attention(q, k, v, meta, 0.3)
+            A.varlen_attention(q, k, v, meta, 0.3)
     # a tiled backend that cannot take the inputs: SDPA finds no viable backend (it may not take math)
-    monkeypatch.setitem(M.FUSED_SDPA, "cpu", [SDPBackend.EFFICIENT_ATTENTION])
+    monkeypatch.setitem(A.FUSED_SDPA, "cpu", [SDPBackend.EFFICIENT_ATTENTION])
     with pytest.raises(RuntimeError, match="No viable backend"):
-        M.varlen_attention(q, k, v, meta, 0.3)
+        A.varlen_attention(q, k, v, meta, 0.3)
 
 
 def fake_varlen(style, causal_ok=True):
@@ -81,7 +83,7 @@ def fake_varlen(style, causal_ok=True):
             return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)),
                                                              enable_gqa=True)[0].transpose(0, 1)
                               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())])
-        return M.sdpa_per_sequence(q, k, v, M.Varlen.from_seqlens(seqlens), scale or q.shape[-1] ** -0.5)
+        return A.sdpa_per_sequence(q, k, v, M.Varlen.from_seqlens(seqlens), scale or q.shape[-1] ** -0.5)
 
     if style == "2.10":
         def f(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -104,31 +106,31 @@ def test_torch_varlen_adapter_speaks_each_release(monkeypatch, style):
     2.12+: enable_gqa=True (it refuses fewer KV heads without it). The self-check accepts a correct
     kernel and refuses, with a warning, one that attends to the future."""
     f, calls = fake_varlen(style)
-    monkeypatch.setattr(M, "torch_varlen_attn", f)
+    monkeypatch.setattr(A, "torch_varlen_attn", f)
     seqlens = [5, 11]
     q, k, v = packed(seqlens, 4, 2, 8, torch.float32)
     meta = M.Varlen.from_seqlens(seqlens)
-    out = M.torch_varlen(q, k, v, meta, 8 ** -0.5)
+    out = A.torch_varlen(q, k, v, meta, 8 ** -0.5)
     torch.testing.assert_close(out.double(), reference(q, k, v, seqlens, 8 ** -0.5), rtol=1e-5, atol=1e-5)
     assert calls[-1]["causal"] and calls[-1]["gqa"] == (True if style == "2.13" else None)
     assert calls[-1]["scale"] == (None if style == "2.10" else 8 ** -0.5)
     if style == "2.10":  # no scale argument: a non-default scale cannot be honoured, so it is refused
         with pytest.raises(ValueError, match="no scale argument"):
-            M.torch_varlen(q, k, v, meta, 0.1)
-    assert M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
+            A.torch_varlen(q, k, v, meta, 0.1)
+    assert A.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
     # the first packed forward runs the check: under no_grad and autocast (a log-prob pass), or inside a
     # checkpointed layer (the update), it must still judge the kernel, not the context
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
+        assert A.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
     x = torch.ones(3, requires_grad=True)
     seen = []
-    layer = lambda t: seen.append(M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)) or t * 2  # noqa: E731
+    layer = lambda t: seen.append(A.check_torch_varlen("cpu", torch.float32, 4, 2, 8)) or t * 2  # noqa: E731
     torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert seen and all(seen) and x.grad.tolist() == [2.0, 2.0, 2.0]
     bad, _ = fake_varlen(style, causal_ok=False)
-    monkeypatch.setattr(M, "torch_varlen_attn", bad)
+    monkeypatch.setattr(A, "torch_varlen_attn", bad)
     with pytest.warns(UserWarning, match="uses SDPA once per sequence"):
-        assert not M.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
+        assert not A.check_torch_varlen("cpu", torch.float32, 4, 2, 8)
 
 
 def test_forward_outputs_are_not_views():
@@ -145,7 +147,7 @@ def test_forward_outputs_are_not_views():
 MEMORY_SCRIPT = textwrap.dedent("""
     import ctypes, json, sys
     sys.path.insert(0, {root!r})
-    import torch, model as M
+    import torch, attention as A, model as M
     torch.set_num_threads(2)
     def rss(field):
         for line in open("/proc/self/status"):
@@ -172,7 +174,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     m.zero_grad(set_to_none=True)
     libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: every block over 64 KiB is returned on free, so RSS follows
     print(json.dumps({{"stand_in": peak(stand_in), "real": peak(real),
-                      "backend": M.varlen_backend(torch.empty(1, 12, 128, dtype=torch.bfloat16),
+                      "backend": A.varlen_backend(torch.empty(1, 12, 128, dtype=torch.bfloat16),
                                                   torch.empty(1, 2, 128, dtype=torch.bfloat16))}}))
 """)
 
@@ -213,8 +215,8 @@ def test_cuda_training_forward_on_flash_or_cudnn_only(monkeypatch, master):
     checkpointed as in training) with SDPA restricted to flash/cuDNN and torch varlen / flash-attn out of
     the way: a fall to the math (or memory-efficient) backend raises. 20K tokens in 3 sequences: extra
     peak far below the 12 x 16K^2 float32 scores of the longest sequence alone (12.9 GB)."""
-    monkeypatch.setattr(M, "torch_varlen_attn", None)
-    monkeypatch.setattr(M, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(A, "torch_varlen_attn", None)
+    monkeypatch.setattr(A, "flash_attn_varlen_func", None)
     m = cuda_model(master, layers=1)
     m.gradient_checkpointing = True
     seqlens = [16384, 3000, 1000]
@@ -241,7 +243,7 @@ def test_cuda_float32_expands_kv_heads_instead_of_math():
     seqlens = [300, 1, 77]
     q, k, v = packed(seqlens, 12, 2, 128, torch.float32, "cuda")
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        out = M.varlen_attention(q, k, v, M.Varlen.from_seqlens(seqlens, "cuda"), 128 ** -0.5)
+        out = A.varlen_attention(q, k, v, M.Varlen.from_seqlens(seqlens, "cuda"), 128 ** -0.5)
         out.sum().backward()
     torch.testing.assert_close(out.double(), reference(q, k, v, seqlens, 128 ** -0.5), rtol=1e-3, atol=1e-3)
 
@@ -253,19 +255,19 @@ def test_cuda_packed_attention_picks_one_call_per_micro_batch():
     with SDPA per sequence, gradients included."""
     q, k, v = packed([1000, 3, 2500], 12, 2, 128, torch.bfloat16, "cuda")
     meta = M.Varlen.from_seqlens([1000, 3, 2500], "cuda")
-    backend = M.varlen_backend(q, k)
-    if M.flash_attn_varlen_func is not None:
+    backend = A.varlen_backend(q, k)
+    if A.flash_attn_varlen_func is not None:
         assert backend == "flash-attn"
-    elif M.torch_varlen_attn is not None and torch.cuda.get_device_capability() >= (8, 0):
+    elif A.torch_varlen_attn is not None and torch.cuda.get_device_capability() >= (8, 0):
         assert backend == "torch-varlen", "torch varlen failed its self-check (see the warning)"
     else:
         pytest.skip("no varlen kernel in this stack: SDPA per sequence (checked above)")
     outs = []
-    for impl in (M.VARLEN_IMPLS[backend], M.sdpa_per_sequence):
+    for impl in (A.VARLEN_IMPLS[backend], A.sdpa_per_sequence):
         o = impl(q, k, v, meta, 128 ** -0.5)
         outs.append([o, *torch.autograd.grad(o.float().square().sum(), (q, k, v))])
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        M.varlen_attention(q, k, v, meta, 128 ** -0.5)
+        A.varlen_attention(q, k, v, meta, 128 ** -0.5)

@@ -11,6 +11,7 @@ import torch
 
 import eval as E
 import model as M
+import tokenizer as TK
 from fixtures import tiny_checkpoint
 from test_eval import DATA, ScriptedEngine, tokenizer  # noqa: F401  (tokenizer is a fixture)
 
@@ -61,7 +62,7 @@ def test_tokenizer_and_generation_configs_must_be_json_objects(tmp_path, name):
     tiny_checkpoint(str(tmp_path), seed=2)
     (tmp_path / name).write_text(json.dumps([{"bos_token": "x"}]))  # was an AttributeError
     with pytest.raises(M.CheckpointError, match=f"{name}: expected a JSON object, got list"):
-        M.Tokenizer.from_pretrained(str(tmp_path))
+        TK.Tokenizer.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", 7, ""])

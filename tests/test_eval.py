@@ -12,6 +12,7 @@ import pytest
 
 import eval as E
 import model as M
+import tokenizer as TK
 from fixtures import tiny_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "eval")
@@ -161,7 +162,7 @@ def one_thread():
 def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
     tiny_checkpoint(path, seed=0)
-    return M.Tokenizer.from_pretrained(str(path))
+    return TK.Tokenizer.from_pretrained(str(path))
 
 
 def right(ans):

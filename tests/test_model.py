@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import model as M
+
+import tokenizer as TK
 from fixtures import random_model, tiny_checkpoint, tiny_config, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -152,7 +154,7 @@ def test_gradient_checkpointing_same_grads():
 def test_tokenizer_and_both_templates(tmp_path):
     write_tokenizer(tmp_path / "old")
     write_tokenizer(tmp_path / "new", new_template=True)
-    old, new = M.Tokenizer.from_pretrained(str(tmp_path / "old")), M.Tokenizer.from_pretrained(str(tmp_path / "new"))
+    old, new = TK.Tokenizer.from_pretrained(str(tmp_path / "old")), TK.Tokenizer.from_pretrained(str(tmp_path / "new"))
     assert not old.think_in_template and new.think_in_template
     p_old, p_new = old.chat_prompt("What is 2+2?"), new.chat_prompt("What is 2+2?")
     assert p_old == ("<｜begin▁of▁sentence｜><｜User｜>What is 2+2? Let's think step by step and output the "
@@ -174,12 +176,12 @@ def test_unknown_characters_warn_once_naming_the_file(tmp_path):
     cases = {"wordlevel": ("What is 12 + 34?", "12+34 é", ["é"]),
              "demo": ("12 + 34", "What is 12+34?", ["?", "W", "a", "h", "i", "s", "t"])}
     for name, (fine, bad, lost) in cases.items():
-        tok = M.Tokenizer.from_pretrained(str(tmp_path / name))
+        tok = TK.Tokenizer.from_pretrained(str(tmp_path / name))
         assert not tok.spells_everything
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a warning here fails the test
             tok.encode(tok.chat_prompt(fine, instruction=""))
-        with pytest.warns(M.UnknownTokenWarning) as w:
+        with pytest.warns(TK.UnknownTokenWarning) as w:
             tok.encode(bad)
         msg = str(w[0].message)
         assert str(tmp_path / name / "tokenizer.json") in msg
@@ -194,14 +196,14 @@ def test_checkpoint_carries_its_instruction(tmp_path):
     demo's is empty); an explicit instruction still wins; a non-string is refused by file and field."""
     write_tokenizer(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert M.Tokenizer.from_pretrained(str(tmp_path)).instruction == M.MATH_INSTRUCTION
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, M.INSTRUCTION_KEY: "Answer briefly."}))
-    tok = M.Tokenizer.from_pretrained(str(tmp_path))
+    assert TK.Tokenizer.from_pretrained(str(tmp_path)).instruction == TK.MATH_INSTRUCTION
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, TK.INSTRUCTION_KEY: "Answer briefly."}))
+    tok = TK.Tokenizer.from_pretrained(str(tmp_path))
     assert tok.chat_prompt("1+1") == "<｜begin▁of▁sentence｜><｜User｜>1+1 Answer briefly.<｜Assistant｜>"
     assert tok.chat_prompt("1+1", instruction="") == "<｜begin▁of▁sentence｜><｜User｜>1+1<｜Assistant｜>"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, M.INSTRUCTION_KEY: 3}))
-    with pytest.raises(M.CheckpointError, match=f"tokenizer_config.json: field '{M.INSTRUCTION_KEY}'"):
-        M.Tokenizer.from_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, TK.INSTRUCTION_KEY: 3}))
+    with pytest.raises(M.CheckpointError, match=f"tokenizer_config.json: field '{TK.INSTRUCTION_KEY}'"):
+        TK.Tokenizer.from_pretrained(str(tmp_path))
 
 # --------------------------------------------------------------------------- errors, messages checked
 
@@ -293,11 +295,11 @@ def test_tokenizer_errors(tmp_path):
     write_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(M.CheckpointError, match="tokenizer.json"):
-        M.Tokenizer.from_pretrained(str(tmp_path))
+        TK.Tokenizer.from_pretrained(str(tmp_path))
     write_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<nope>"}))
     with pytest.raises(M.CheckpointError, match="'<nope>' is not in the vocabulary"):
-        M.Tokenizer.from_pretrained(str(tmp_path))
+        TK.Tokenizer.from_pretrained(str(tmp_path))
 
 
 def test_autocast_forward_keeps_bf16_and_logprobs_close():

@@ -10,6 +10,7 @@ import torch
 import demo
 import grpo
 import model as M
+import tokenizer as TK
 import train as T
 
 
@@ -41,7 +42,7 @@ def sample(prompt, response, finish="stop", adv=0.0):
 
 
 def test_data_loading_counts_drops_and_formats(tmp_path, inputs):
-    tok = M.Tokenizer.from_pretrained(inputs.init_from)
+    tok = TK.Tokenizer.from_pretrained(inputs.init_from)
     rows = [{"problem": "1+2", "answer": "3"}, {"problem": "4+5"}, {"problem": "7+1", "answer": 8},
             {"problem": "9+9", "solution": "so \\boxed{18}"}, {"problem": "1" * 50, "answer": "1"}, {"answer": "2"}]
     for name, text in [("d.json", json.dumps(rows)), ("d.jsonl", "\n".join(map(json.dumps, rows)))]:
@@ -329,7 +330,7 @@ def test_export_loads_in_transformers_and_samples_in_the_demo_format(tmp_path, i
     cfg = tiny(inputs, tmp_path, steps=2)
     T.train(cfg)
     hf = os.path.join(cfg.out_dir, "hf")
-    ours_tok, ours = M.Tokenizer.from_pretrained(hf), M.from_pretrained(hf, dtype=torch.float32)
+    ours_tok, ours = TK.Tokenizer.from_pretrained(hf), M.from_pretrained(hf, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     prompt = ours_tok.chat_prompt("23+45")
@@ -347,7 +348,7 @@ def test_export_loads_in_transformers_and_samples_in_the_demo_format(tmp_path, i
     monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", hf, "--prompt", "23+45", "--num-samples", "2",
                                      "--temperature", "0", "--device", "cpu"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", M.UnknownTokenWarning)
+        warnings.simplefilter("error", TK.UnknownTokenWarning)
         sample.main()
     out = capsys.readouterr().out
     assert out.count(prompt + "<think>") == 2 and "Let's think" not in out
