@@ -27,7 +27,7 @@ change (Engine.update_weights, and every generate() call, since a trainer may co
 """
 import hashlib
 import math
-from collections import OrderedDict, deque
+from collections import deque
 
 import numpy as np
 
@@ -78,25 +78,42 @@ def block_keys(tokens, block_size):
 
 class BlockManager:
     """Free list + reference counts over block ids 0..num_blocks-1 (the scratch block is not in it), and
-    the prefix cache. The counts are a numpy array so that a finished 8K-token sequence returns its 512
-    blocks in a few vectorised operations, not 512 Python ones (a sequence never holds a block twice).
-    The free list is ordered, least recently freed first: reallocation evicts the oldest cached contents."""
+    the prefix cache. Blocks are reused least recently freed first, so reallocation evicts the oldest
+    cached contents. Everything per block is numpy: a finished 8K-token sequence returns its 512 blocks in
+    a few vectorised operations (an ordered dict of free blocks cost ~0.1 ms per finished sequence, ~40 ms
+    when 256 rows finish in one decode step). The free list is a queue of release batches in release order
+    with lazy deletion: freed_at[b] says which batch holds block b's current entry (-1: in use), so an entry
+    left behind when a block is reclaimed by a prefix hit, or freed again later, is skipped."""
 
     def __init__(self, num_blocks, block_size):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free = OrderedDict.fromkeys(range(num_blocks))
         self.ref = np.zeros(num_blocks, dtype=np.int32)
+        self.freed_at = np.zeros(num_blocks, dtype=np.int64)  # batch 0: every block, free at the start
+        self.batches, self.head, self.clock = deque([(0, np.arange(num_blocks))]), 0, 0
+        self.num_free = num_blocks
         self.cached, self.key_of = {}, {}  # content key -> block holding it, and back
 
     def blocks_for(self, num_tokens):
         return math.ceil(num_tokens / self.block_size)
 
     def alloc(self):
-        b, _ = self.free.popitem(last=False)
+        if self.num_free == 0:
+            raise RuntimeError("BlockManager.alloc: no free block")
+        while True:
+            when, blocks = self.batches[0]
+            if self.head == len(blocks):
+                self.batches.popleft()
+                self.head = 0
+                continue
+            b = int(blocks[self.head])
+            self.head += 1
+            if self.freed_at[b] == when:  # its current entry (a stale one: reclaimed or freed again since)
+                break
+        self.freed_at[b], self.ref[b] = -1, 1
+        self.num_free -= 1
         key = self.key_of.pop(b, None)
         if key is not None:  # its contents are about to be overwritten
             del self.cached[key]
-        self.ref[b] = 1
         return b
 
     def share(self, blocks):
@@ -106,7 +123,12 @@ class BlockManager:
         if blocks:
             b = np.asarray(blocks)
             self.ref[b] -= 1
-            self.free.update(dict.fromkeys(b[self.ref[b] == 0].tolist()))
+            freed = b[self.ref[b] == 0]
+            if len(freed):
+                self.clock += 1
+                self.freed_at[freed] = self.clock
+                self.batches.append((self.clock, freed))
+                self.num_free += len(freed)
 
     def register(self, block, key):
         """block now holds the K/V that `key` describes."""
@@ -120,8 +142,9 @@ class BlockManager:
             b = self.cached.get(key)
             if b is None:
                 break
-            if self.ref[b] == 0:
-                del self.free[b]
+            if self.ref[b] == 0:  # free: out of the free list (its queue entry goes stale)
+                self.freed_at[b] = -1
+                self.num_free -= 1
             self.ref[b] += 1
             hit.append(b)
         return hit
@@ -129,10 +152,6 @@ class BlockManager:
     def clear_cache(self):
         self.cached.clear()
         self.key_of.clear()
-
-    @property
-    def num_free(self):
-        return len(self.free)
 
 
 class Scheduler:

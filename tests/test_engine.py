@@ -471,3 +471,36 @@ def test_cuda_graph_capture_failure_names_the_bucket():
     g = DecodeGraphs(fn, [1, 2, 8])
     x.fill_(3)
     assert g(8).tolist() == [6.0] * 8 and sorted(g.graphs) == [1, 2, 8]
+
+
+# --------------------------------------------------------------------------- block manager
+
+def test_block_manager_reuses_least_recently_freed_and_never_hands_out_a_block_twice():
+    """The free list is a queue of release batches with lazy deletion: a block reclaimed by a prefix hit
+    while free, or freed again later, leaves a stale entry behind that must be skipped. Checked against a
+    plain ordered list of free blocks over a random sequence of alloc / release / prefix hits."""
+    import random
+    from scheduler import BlockManager
+    rng = random.Random(0)
+    pool, ref_free, held = BlockManager(40, 4), list(range(40)), []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.45 and pool.num_free:
+            b = pool.alloc()
+            assert b == ref_free.pop(0) and b not in held  # least recently freed first, never twice
+            pool.register(b, ("key", step))
+            held.append(b)
+        elif op < 0.8 and held:
+            batch = rng.sample(held, rng.randint(1, min(6, len(held))))
+            for b in batch:
+                held.remove(b)
+            pool.release(batch)
+            ref_free += batch  # one release: its blocks in the order given
+        elif pool.cached:
+            key, b = rng.choice(sorted(pool.cached.items(), key=lambda kv: kv[1]))
+            if b in ref_free:  # a prefix hit on a free block takes it out of the free list
+                assert pool.take_cached([key]) == [b]
+                ref_free.remove(b)
+                held.append(b)
+        assert pool.num_free == len(ref_free) and sorted(held + ref_free) == list(range(40))
+        assert all(pool.ref[b] == 1 for b in held) and all(pool.ref[b] == 0 for b in ref_free)
