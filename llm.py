@@ -60,6 +60,8 @@ class SamplingParams:
     - stop strings: the earliest match in the text wins (vLLM: the first in list order that matches).
     - presence/frequency/repetition penalties, min_p, min_tokens and prompt_logprobs are not implemented:
       they are accepted at their neutral values only, anything else is refused.
+    Not a difference: text prompts are tokenized as vLLM does (LLM.encode): generate() adds the tokenizer's
+    special tokens (DeepSeek-R1-Distill's BOS), chat() does not (its template writes them).
     """
     n: int = 1
     temperature: float = 1.0         # < 1e-5 is greedy
@@ -406,6 +408,7 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = TK.Tokenizer.from_pretrained(tokenizer or model)
         self.chat_template, self.special_tokens = read_chat_template(tokenizer or model)
+        self.add_bos = M.read_json(os.path.join(tokenizer or model, "tokenizer_config.json")).get("add_bos_token")
         self.net = M.from_pretrained(model, device=self.device, dtype=self._dtype(model, dtype))
         self.engine_kwargs = dict(block_size=block_size, memory_budget=kv_cache_memory_bytes,
                                   gpu_memory_fraction=gpu_memory_utilization, max_num_seqs=max_num_seqs,
@@ -442,14 +445,33 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def prompt_ids(self, prompt, param="prompt"):
-        """(text or None, token ids) of a string or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)."""
+    def encode(self, text, add_special_tokens=True):
+        """Token ids of a text prompt as transformers' tokenizer gives them to vLLM. add_special_tokens (vLLM's
+        default for generate() and /v1/completions; chat renders its own): a tokenizer_config.json with
+        add_bos_token decides as Llama-style tokenizers do (DeepSeek-R1-Distill's: true, so BOS first, as
+        in training), else tokenizer.json's post-processor (Qwen's adds nothing). As in vLLM, text that
+        already starts with the BOS string gets a second one: pass {"prompt_token_ids": ...} instead."""
+        ids = self.tokenizer.encode(text)
+        if not add_special_tokens or self.add_bos is False:
+            return ids
+        if self.add_bos:
+            return [self.tokenizer.tok.token_to_id(self.tokenizer.bos_token)] + ids
+        if self.tokenizer.tok.post_processor is None:
+            return ids
+        return self.tokenizer.tok.encode(text, add_special_tokens=True).ids
+
+    def prompt_ids(self, prompt, param="prompt", add_special_tokens=True):
+        """(text or None, token ids) of a string, {"prompt": text} (vLLM's TextPrompt) or {"prompt_token_ids":
+        [...]} (vLLM's TokensPrompt)."""
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.encode(prompt, add_special_tokens)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
         else:
-            raise InvalidRequest(param, f"{param} must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+            raise InvalidRequest(param, f"{param} must be a string, {{'prompt': text}} or {{'prompt_token_ids': [...]}}, "
+                                        f"got {type(prompt).__name__}")
         V = self.net.config.vocab_size  # not the engine's: serve.py calls this while it may be rebuilt
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
             raise InvalidRequest(param, f"{param}: token ids must be integers in [0, {V})")
@@ -510,8 +532,8 @@ class LLM:
 
     @torch.no_grad()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        """prompts: a string, a {"prompt_token_ids": [...]} dict, or a list of them; sampling_params: one for
-        all or one per prompt. Returns a RequestOutput per prompt, in order."""
+        """prompts: a string, a {"prompt": text} or {"prompt_token_ids": [...]} dict, or a list of them;
+        sampling_params: one for all or one per prompt. Returns a RequestOutput per prompt, in order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_list(sampling_params, len(prompts))
@@ -545,4 +567,5 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         texts = [self.apply_chat_template(c, add_generation_prompt, chat_template, **(chat_template_kwargs or {}))
                  for c in conversations]
-        return self.generate(texts, sampling_params, use_tqdm=use_tqdm)
+        prompts = [{"prompt": t, "prompt_token_ids": self.encode(t, add_special_tokens=False)} for t in texts]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -57,7 +57,8 @@ def install_kernels(device, dtype, cfg, block_size, allow_fallback=False):
     except Exception as e:  # noqa: BLE001 - whatever broke, the kernels are not trustworthy here
         if not allow_fallback:
             raise RuntimeError(f"kernels: self-check failed on {device}: {e!r}. Refusing to fall back to the "
-                               "PyTorch twins silently: pass Engine(allow_kernel_fallback=True) to allow it, "
+                               "PyTorch twins silently: pass Engine(allow_kernel_fallback=True) (train.py: "
+                               "--engine_kernel_fallback=True) to allow it, "
                                "or set NANOSCALER_KERNELS=0") from e
         reason = f"kernel self-check failed: {e!r}"
         warnings.warn(f"{reason}; the engine runs the PyTorch twins, without CUDA graphs")

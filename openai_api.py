@@ -5,9 +5,10 @@ responses or server-sent-event chunks (`data: {...}` lines, then `data: [DONE]`)
 
 Fields: OpenAI's (model, prompt / messages, max_tokens / max_completion_tokens, temperature, top_p, n,
 stream, stream_options.include_usage, stop, seed, logprobs / top_logprobs) and vLLM's extras (top_k,
-ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
-chat_template_kwargs). Fields we cannot honour (echo, suffix, best_of > n, logit_bias, tools, a JSON
-response_format, penalties) are refused with a 400 rather than ignored. Usage is in every response: a
+ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, add_special_tokens (default:
+true for completions, so a DeepSeek-R1-Distill prompt starts with BOS; false for chat, whose template writes it),
+add_generation_prompt, chat_template_kwargs). Fields we cannot honour (echo, suffix, best_of > n, logit_bias,
+tools, a JSON response_format, penalties) are refused with a 400 rather than ignored. Usage is in every response: a
 streamed one carries it on the chunk that finishes the last choice, or, with include_usage, in OpenAI's
 extra final chunk with no choices.
 """
@@ -146,7 +147,8 @@ def parse_completion(server, body):
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequest("prompt", "'prompt' must be a string, an array of strings, or token ids")
     llm = server.llm
-    prompts = [llm.prompt_ids(p if isinstance(p, str) else {"prompt_token_ids": p}, "prompt") for p in prompt]
+    specials = get(body, "add_special_tokens", "bool", True)  # vLLM's default here: the tokenizer's BOS
+    prompts = [llm.prompt_ids(p if isinstance(p, str) else {"prompt_token_ids": p}, "prompt", specials) for p in prompt]
     max_tokens = get(body, "max_tokens", "int", 16)
     logprobs = get(body, "logprobs", "int")
     params = sampling_params(body, max_tokens, logprobs, {})
@@ -161,7 +163,7 @@ def parse_chat(server, body):
     llm = server.llm
     kwargs = get(body, "chat_template_kwargs", "dict", {})
     text = llm.apply_chat_template(body.get("messages"), get(body, "add_generation_prompt", "bool", True), **kwargs)
-    prompts = [llm.prompt_ids(text, "messages")]
+    prompts = [llm.prompt_ids(text, "messages", get(body, "add_special_tokens", "bool", False))]  # the template wrote them
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = get(body, field, "int")
     top_n = get(body, "top_logprobs", "int", 0) if get(body, "logprobs", "bool", False) else None

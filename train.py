@@ -114,6 +114,7 @@ class TrainConfig:
     engine_dtype: str = "auto"       # bfloat16 on CUDA, float32 on CPU [x == "auto" or x in M.DTYPES]
     engine_memory: float | None = None  # KV-cache bytes (None: measured at start-up, memory.py) [x > 0]
     engine_max_num_seqs: int = 256   # most sequences the engine decodes at once [x >= 1]
+    engine_kernel_fallback: bool = False  # CUDA: a failed kernel self-check runs the PyTorch twins (metric kernel_fallback), not an error
     memory_margin_gb: float = 4.0    # GPU memory the measured plan keeps free beyond its probe (memory.py) [x >= 0]
     # system
     device: str = "auto"             # auto (CUDA if present), cpu, cuda [x == "auto" or x.startswith(("cpu", "cuda"))]
@@ -503,7 +504,8 @@ def build(cfg, ctx):
     engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
     max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
     make_engine = functools.partial(Engine, engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
-                                    vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+                                    vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
+                                    allow_kernel_fallback=cfg.engine_kernel_fallback)
     plan = memory.plan_for_training(cfg, ctx, model, ref, engine_model, make_engine, max_len,
                                     functools.partial(autocast, cfg, ctx), functools.partial(make_optimizer, cfg=cfg))
     engine = make_engine(memory_budget=plan.kv_bytes)
@@ -614,7 +616,7 @@ def run(cfg, ctx, grader):
         bad = bad + 1 if skipped else 0
         row = {"step": step, "stage": si, "lr": lr, **rollout_stats(samples, rewards, stage.group_size, ctx),
                **acc.result(ctx), **extra, "grad_norm": sum(g for _, g in results) / len(results),
-               "skipped_updates": skipped, "data_pos": data.pos}
+               "skipped_updates": skipped, "data_pos": data.pos, "kernel_fallback": int(engine.kernel_fallback is not None)}
         train_tokens = D.all_reduce(torch.tensor(sum(m.input_ids.numel() for m in micros), device=ctx.device), ctx)
         row.update(time_sync=t_sync - t0, time_rollout=t_gen - t_sync, time_ref=t_ref - t_gen,
                    time_old=t_old - t_ref, time_grade_wait=t_grade - t_old, time_update=t_upd - t_grade,

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import shutil
+import types
 
 import pytest
 
@@ -15,6 +17,7 @@ from engine import StepOutput
 from fixtures import tiny_checkpoint
 from test_sample import one_thread  # noqa: F401,F811  (autouse: one intra-op thread)
 from llm import LLM, InvalidRequest, SamplingParams
+from openai_api import parse_chat, parse_completion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -287,3 +290,36 @@ def test_template_source_and_chat(tmp_path, ckpt, llm):
     assert chat.prompt == prompt and chat.outputs[0].text == llm.generate(prompt, p, use_tqdm=False)[0].outputs[0].text
     assert len(llm.chat([messages, messages + [{"role": "assistant", "content": "x"}, messages[0]]], p,
                         use_tqdm=False)) == 2
+
+
+def test_text_prompts_get_the_tokenizers_special_tokens_as_in_vllm(tmp_path, ckpt):
+    """vLLM tokenizes a generate() or /v1/completions text prompt with the tokenizer's special tokens:
+    DeepSeek-R1-Distill's tokenizer_config.json says add_bos_token: true, so its prompts start with BOS
+    (as in training). A chat prompt's template writes BOS itself: no second one. Without add_bos_token,
+    tokenizer.json's post-processor decides, as in transformers (golden reference)."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path / "bos"
+    shutil.copytree(ckpt, d)
+    config = json.load(open(d / "tokenizer_config.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    llm = LLM(str(d))
+    tok, p, hi = llm.get_tokenizer(), SamplingParams(seed=1, max_tokens=5), [{"role": "user", "content": "hi"}]
+    assert llm.generate("abc", p, use_tqdm=False)[0].prompt_token_ids == [0] + tok.encode("abc")
+    assert llm.generate({"prompt": "abc"}, p, use_tqdm=False)[0].prompt_token_ids == [0] + tok.encode("abc")
+    chat = llm.chat(hi, p, use_tqdm=False)[0]
+    assert chat.prompt.startswith(BOS) and chat.prompt_token_ids == tok.encode(chat.prompt)
+    assert chat.prompt_token_ids.count(0) == 1
+    server = types.SimpleNamespace(llm=llm, model_name="m")  # serve.py's parsing: the same rules
+    assert parse_completion(server, {"prompt": "abc"}).prompts == [("abc", [0] + tok.encode("abc"))]
+    assert parse_completion(server, {"prompt": "abc", "add_special_tokens": False}).prompts[0][1] == tok.encode("abc")
+    assert parse_chat(server, {"messages": hi}).prompts[0][1] == chat.prompt_token_ids
+    # no add_bos_token: a post-processor that adds BOS (Llama 3's kind) is followed; add_bos_token false wins
+    t = Tokenizer.from_file(str(d / "tokenizer.json"))
+    t.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    want = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token=BOS, eos_token=EOS)("abc")
+    assert LLM(str(d)).encode("abc") == want["input_ids"] == [0] + tok.encode("abc")
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert LLM(str(d)).encode("abc") == tok.encode("abc")

@@ -265,6 +265,7 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch)
         rows = [json.loads(line) for line in f]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 2, 2]
     assert all({"grader_sympy", "grader_timeouts", "grader_restarts"} <= r.keys() for r in rows)  # grader health
+    assert all(r["kernel_fallback"] == 0 for r in rows)
     # the skipped step left the weights alone: the last checkpoint equals the last good one
     kept = [os.path.basename(p) for p in T.ckpt_dirs(cfg.out_dir)]
     assert kept == ["step_000001", "step_000002", "step_000003"]
@@ -275,6 +276,26 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch)
         T.load_checkpoint(os.path.join(cfg.out_dir, "ckpt", name), T.D.Dist(), model, opt, ref)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_kernel_fallback_stops_training_unless_allowed_and_is_in_the_metrics(tmp_path, inputs, monkeypatch):
+    """As on a GPU whose Triton kernels fail their self-check (simulated on the CPU): training refuses to
+    start; with engine_kernel_fallback=True it runs the PyTorch twins and every metrics row says so."""
+    import kernels
+    import model_runner
+
+    def broken(*a, **kw):
+        raise RuntimeError("ptxas: no such target")
+    monkeypatch.setattr(model_runner, "kernels_wanted", lambda device: True)
+    monkeypatch.setattr(kernels, "self_check", broken)
+    previous = dict(M.ATTENTION)
+    with pytest.raises(RuntimeError, match="self-check failed.*allow_kernel_fallback"):
+        T.train(tiny(inputs, tmp_path / "strict", steps=1, ckpt_interval=100, export_hf=False))
+    with pytest.warns(UserWarning, match="self-check failed"):
+        rows = T.train(tiny(inputs, tmp_path / "allowed", steps=2, ckpt_interval=100, export_hf=False,
+                            engine_kernel_fallback=True))
+    assert [r["kernel_fallback"] for r in rows] == [1, 1] and M.ATTENTION == previous
+    assert [r["kernel_fallback"] for r in read_rows(tmp_path / "allowed")] == [1, 1]
 
 # -----------------------------------------------------------------------------
 # The CPU demo, shortened: GRPO must raise the reward; the same run with shuffled advantages must not
