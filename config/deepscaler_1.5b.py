@@ -34,8 +34,8 @@ config.loss_agg = "deepscaler"                 # DeepScaleR's exact gradient, on
 config.deepscaler_micro_tokens = 32768         # ppo_max_token_len_per_gpu
 config.require_think = True                    # truncated answers are graded like any other (as DeepScaleR did)
 
-config.eval_interval = 10
-config.val_n = 8
+config.eval_interval = 10                      # DeepScaleR: every 20 steps at 8K, 10 at 16K/24K, and before training
+config.val_n = 8                               # DeepScaleR: 8 at 8K, 16 at 16K/24K
 config.ckpt_interval = 20
 config.keep_last = 3
 

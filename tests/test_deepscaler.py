@@ -1,7 +1,8 @@
 """loss_agg="deepscaler" against DeepScaleR's own verl, run on small packed batches with uneven lengths:
 tests/data/verl_partitions.json (verl's Karmarkar-Karp partitions, ties included) and
 tests/data/verl_update.json (verl's _balance_batch + update_policy on 2, 8 and 32 emulated GPUs: the
-micro-batch layout, the loss and its gradient). See each file's "provenance". ~15 s (load 9)."""
+micro-batch layout, the loss and its gradient), the latter also through train_mini_batch itself. See each
+file's "provenance". ~15 s (load 9)."""
 import json
 import os
 
@@ -128,6 +129,80 @@ def test_loss_and_gradient_match_verl(case):
     i0 = next(i for i, s in enumerate(case["seqs"]) if s["mini_batch"] == 0 and s["advantage"] != 0)
     (g,) = torch.autograd.grad(loss, logits[i0])
     assert not torch.allclose(g, torch.tensor(case["seqs"][i0]["grad"], dtype=f64), rtol=1e-2, atol=0)
+
+
+class LogitTable(torch.nn.Module):
+    """A stand-in policy for train_mini_batch, like the toy actor of the fixture's harness: sequence i's
+    response logits are a float64 parameter (the fixture's tempered logits z, so the temperature is not
+    applied again). It finds each packed sequence by its prompt token, i + 1 (0: an empty micro-batch)."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.z = torch.nn.ParameterList([torch.tensor(s["logits"], dtype=f64) for s in case["seqs"]])
+        self.prompt_len = [s["prompt_len"] for s in case["seqs"]]
+
+    def forward(self, input_ids, positions, meta, targets=None, temperature=1.0, return_entropy=False):
+        logp, ent = [], []
+        for start, n in zip(meta.cu_seqlens.tolist(), meta.seqlens):
+            i = int(input_ids[start]) - 1
+            prompt = torch.zeros(n if i < 0 else self.prompt_len[i] - 1, dtype=f64)  # masked positions
+            logp.append(prompt)
+            ent.append(prompt)
+            if i >= 0:
+                logsm = torch.log_softmax(self.z[i], -1)
+                y = targets[start + len(prompt):start + n]
+                logp.append(logsm.gather(1, y[:, None]).squeeze(1))
+                ent.append(-(logsm.exp() * logsm).sum(-1))
+        return torch.cat(logp), torch.cat(ent)
+
+
+class GradRecorder:
+    """Stands in for AdamW: keeps the gradient at each step and changes nothing (as the harness's did)."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
+
+
+@pytest.mark.parametrize("token_budget", [16, 4096])
+@pytest.mark.parametrize("case", UPDATE, ids=[c["name"] for c in UPDATE])
+def test_trainer_update_reproduces_verl_gradient(case, token_budget):
+    """The trainer's own code end to end -- split_mini_batches, micro_batches (this run's packing, into
+    several micro-batches or one), train_mini_batch's normaliser (x deepscaler_gpus) and backward -- gives,
+    at each optimizer step, the gradient verl's update_policy computed for that mini-batch."""
+    samples = [T.Sample([i + 1] * s["prompt_len"], list(s["response"]), [0.0] * len(s["response"]), "stop", "1",
+                        advantage=s["advantage"]) for i, s in enumerate(case["seqs"])]
+    cfg = T.TrainConfig(loss_agg="deepscaler", mini_batches=2, deepscaler_micro_tokens=case["budget"],
+                        token_budget=token_budget, kl_coef=case["kl"], entropy_coef=case["ent"],
+                        clip_eps=case["clip"], temperature=case["temperature"], grad_clip=1e9)
+    stage = T.Stage(1, case["R"], case["n"], deepscaler_gpus=case["gpus"])
+    model, ctx = LogitTable(case), D.Dist()
+    opt = GradRecorder(model.parameters())
+
+    def per_token(m, key):  # the fixture's old / reference log-probs on each response token of the micro-batch
+        seqs = [([0.0] * (len(s.prompt) - 1) + case["seqs"][s.prompt[0] - 1][key]) for s in m.samples]
+        return torch.tensor(sum(seqs, []) or [0.0])  # [0.0]: an empty micro-batch's dummy token
+
+    for k, mini in enumerate(T.split_mini_batches(samples, cfg, stage)):
+        micros = T.micro_batches(mini, cfg, ctx)
+        assert token_budget > 100 or len(micros) > 1
+        for m in micros:
+            T.fill_advantages(m)
+            m.old_logp, m.ref_logp = per_token(m, "old_logp"), per_token(m, "ref_logp")
+        ok, _ = T.train_mini_batch(model, opt, micros, cfg, stage, ctx, T.Accumulator(ctx.device))
+        assert ok and len(opt.grads) == k + 1
+        for i, s in enumerate(case["seqs"]):
+            got = opt.grads[k][i]
+            if s["mini_batch"] == k:
+                torch.testing.assert_close(got, torch.tensor(s["grad"], dtype=f64), rtol=1e-4, atol=1e-8)
+            else:
+                assert got is None
 
 
 def test_split_mini_batches_deepscaler_covers_the_batch_once():
