@@ -27,6 +27,7 @@ MAX_DIGITS = 5000   # refuse to evaluate a power with more digits than this ...
 MAX_BITS = 20000    # ... or any exact intermediate value larger than this (a long product of big powers)
 GOLD_TOL = Fraction(1, 10**4)  # relative tolerance against a gold written as a decimal (a measurement)
 LONG_DECIMAL = 10   # a decimal with this many significant digits stands for the exact value it rounds
+DOUBLE_DIGITS = 15  # ... to its 15th digit: a float's repr (7.0710678118654755 for 5\\sqrt2) has noise past it
 THOUSANDS = "\x01"  # marks a comma that may be a thousands separator (58,500) until the reading is chosen
 
 # ----------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ _SUBS = [  # (pattern, replacement), in order
     (r"\\(?:geqslant|geq|ge)(?![a-zA-Z])", r"\\geq "), (r">=", r"\\geq "),
     (r"\\(?:leqslant|leq|le)(?![a-zA-Z])", r"\\leq "), (r"<=", r"\\leq "),
     (r"\\(?:neq|ne)(?![a-zA-Z])", r"\\neq "), (r"!=", r"\\neq "), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-    (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"), (r"\{,\}", ""),
+    (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"), (r"\{,\}", ""), (r"\\(?:emptyset|varnothing)(?![a-zA-Z])", r"\\{\\}"),
     (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"), (r"(?<!\\)\\\s*$", ""),  # a stray backslash at the end
 ]
 _SUBS = [(re.compile(p), r) for p, r in _SUBS]
@@ -94,7 +95,15 @@ def _strip_text(s):
     return s
 
 
+def _repeating(m):
+    """0.1\\overline{6} -> \\frac{15}{90}: a repeating decimal is the fraction it stands for."""
+    i, a, r = m.group(1) or "0", m.group(2), m.group(3)
+    return f"\\frac{{{int(i + a + r) - int(i + a)}}}{{{'9' * len(r) + '0' * len(a)}}}"
+
+
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?\.?")
+_CHOICE = re.compile(r"(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?\(([A-E])\)\s*\}?[^()]*"
+                     r"|([A-E])(?:\s+[A-Z][a-z]{2,}|\.\s+.+)")
 
 
 def normalize(s):
@@ -107,16 +116,18 @@ def _normalize(s):
     if _PLAIN_NUMBER.fullmatch(s):  # most answers: nothing to clean
         return s.rstrip(".")
     s = s.translate(_UNICODE)
-    m = re.fullmatch(r"\(([A-E])\)\s*[^()]*|([A-E])\s+[A-Z][a-z]{2,}", s)  # "(D) Alina": multiple choice
-    if m:
+    if m := re.fullmatch(_CHOICE, s):  # "(D) Alina", "\\textbf{(D) } 12", "D. x = 42": multiple choice
         return m.group(1) or m.group(2)
     s = re.sub(r"\s*\.$", "", s)  # a sentence's full stop (5. is 5 anyway)
     for pat, rep in _SUBS:
         s = pat.sub(rep, s)
+    s = re.sub(r"(\d*)\.(\d*)\\(?:overline|bar)\{(\d{1,40})\}", _repeating, s)  # 0.\overline{3} is 1/3
     s = _degrees(s)
     s = _strip_text(s)
     s = re.sub(r"(?<![\w.^{}\\])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", lambda m: m[0] if not 0 < int(m[3]) < int(m[4])
                else f"{m[1]}({m[2]}+\\frac{{{m[3]}}}{{{m[4]}}})", s)                          # 2 3/4 is 2 + 3/4
+    if "^" in s and re.fullmatch(r"\d+(\^\{?\d+\}?)?(\s+\d+(\^\{?\d+\}?)?)+", s):  # 2^2 3 5 17: all factors
+        s = re.sub(r"\s+", r"\\cdot ", s)
     s = re.sub(r"(\^\s*\d+)\s+(?=\d)", r"\1\\cdot ", s)                                  # 3^2 5^3: a product
     if re.fullmatch(r"(?:[^,=]+=)?\s*[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*%?\s*", s):  # 58,500 (not (2,251,252))
         s = s.replace(",", THOUSANDS)
@@ -129,13 +140,9 @@ def _normalize(s):
     s = re.sub(r"\\frac ?" + cmd + r" ?\{", r"\\frac{\1}{", s)                 # \frac9{19}
     s = re.sub(r"(\d)_\{(\d+)\}", r"\1_\2", s)                                 # 52_{8} -> 52_8
     s = s.rstrip(".").strip(",")
-    while s.startswith("{") and _group_end(s) == len(s):  # {-5, 5} is a set; {7} (a box's braces) is 7
-        if len(_split_top(s[1:-1], ",")) > 1:
-            s = "\\{" + s[1:-1] + "\\}"
-            break
+    while s.startswith("{") and _group_end(s) == len(s):  # braces do not print: {-5, 5} is the list -5, 5
         s = s[1:-1]
-    m = re.fullmatch(r"\(([A-E])\)", s)                                        # multiple choice (C) -> C
-    return m.group(1).upper() if m else s
+    return m.group(1).upper() if (m := re.fullmatch(r"\(([A-E])\)", s)) else s  # multiple choice (C) -> C
 
 # ----------------------------------------------------------------------------------------------
 # 2. structure: ('elem', s) | ('set', [nodes], braced) unordered | ('seq', brackets, [nodes]) | ('mat', rows)
@@ -201,8 +208,7 @@ def _struct(s, depth=0):
         parts = _split_top(s, sep)
         if len(parts) > 1:
             return _assignments(parts, depth) or _set([_struct(p, depth + 1) for p in parts if p], False)
-    m = _MATRIX.fullmatch(s[1:-1] if s[:1] in "([" and _group_end(s) == len(s) else s)
-    if m:
+    if m := _MATRIX.fullmatch(s[1:-1] if s[:1] in "([" and _group_end(s) == len(s) else s):
         rows = [r for r in m.group(2).split("\\\\") if r]
         return ("mat", [[("elem", c) for c in r.split("&")] for r in rows])
     if s[0] in "([" and s[-1] in ")]" and _group_end(s) == len(s):
@@ -249,12 +255,12 @@ def _set(nodes, braced):
 _LABEL = re.compile(r"(?:[a-zA-Z]'?|\\[a-zA-Z]+(?<!\\pi)(?<!\\infty))(?:_\{?[\w\\ ]+\}?)?(?:\([^()]*\))?"  # x, a_n, f(x)
                     r"|(?:m\s*)?\\angle\s*[A-Za-z_{}\d ]+|\|[A-Z]+\||[A-Z]{2,4}|\\frac\{[A-Za-z]+\}\{[A-Za-z]+\}"
                     r"|\((?:[a-zA-Z](?:_\{?\w+\}?)?,)+[a-zA-Z](?:_\{?\w+\}?)?\)|[A-Za-z_{}\d]+:[A-Za-z_{}\d]+"
-                    r"|[A-Za-z]+\([A-Za-z ,]+\)|\\overline\{[A-Z]+\}|S_\{?\\triangle ?[A-Z]+\}?")
+                    r"|[A-Za-z]+\([A-Za-z ,]+\)|\\overline\{[A-Z]+\}|S_\{?\\triangle ?[A-Z]+\}?|\[[A-Z]{3,}\]")
 _FUNCS = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|frac|arc\w+)(?![a-zA-Z])")
 
 
 def _is_label(s):
-    """A left side that names the answer: x, f(x), a_n, m\\angle ABC, \\frac{AB}{CD}, P(A), |AB| -- not x+y, \\tan x."""
+    """A left side that names the answer: x, f(x), a_n, m\\angle ABC, \\frac{AB}{CD}, P(A), |AB|, [ABC] -- not x+y."""
     if not 0 < len(s) <= 30 or re.fullmatch(r"\d.*", s) or (_FUNCS.search(s) and not s.startswith("\\frac{")):
         return False
     return _LABEL.fullmatch(s) is not None
@@ -272,6 +278,8 @@ _FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq", "=": "=", "\\ne
 def _ineq_interval(s):
     """x > 2 -> (2,\\infty); 1 \\leq x < 3 -> [1,3); else None."""
     t = [p.strip() for p in _REL.split(s)]
+    if len(t) == 3 and t[1] == "\\neq" and _is_var(t[0]) and t[2] and not _is_var(t[2]):
+        return f"(-\\infty,{t[2]})\\cup({t[2]},\\infty)"  # x \\neq 1: the line without a point
     if "=" in t or "\\neq" in t:
         return None
     if len(t) == 3:
@@ -311,14 +319,11 @@ def _alternatives(s, gold=False):
         s = _value_part(s)
     alts = [s.replace(THOUSANDS, "")] + [s.replace(THOUSANDS, ",")] * (not gold) if THOUSANDS in s else [s]
     s = alts[-1]
-    parts = _split_top(s, "=")
-    if len(parts) == 2 and _is_label(parts[0]) and parts[1]:
+    if len(parts := _split_top(s, "=")) == 2 and _is_label(parts[0]) and parts[1]:
         alts.append(parts[1])
-    m = re.fullmatch(r"[a-zA-Z]\\in(.+)", s)
-    if m:
+    if m := re.fullmatch(r"[a-zA-Z]\\in(.+)", s):
         alts.append(m.group(1))
-    iv = _ineq_interval(s)
-    if iv:
+    if iv := _ineq_interval(s):
         alts.append(iv)
     return alts
 
@@ -331,8 +336,7 @@ def _all3(results):
     for r in results:
         if r is False:
             return False
-        if r is None:
-            out = None
+        out = None if r is None else out
     return out
 
 
@@ -384,10 +388,9 @@ def _cmp(a, b, ok):
             r2 = _all3(_cmp(x, y, ok) for x, y in pairs)
             r = True if r2 else (None if None in (r, r2) else False)
         return r
-    if ka == "mat" and kb == "mat":
-        if [len(r) for r in a[1]] != [len(r) for r in b[1]]:
-            return False
-        return _all3(_cmp(x, y, ok) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
+    if ka == "mat" and kb == "mat":  # same shape, same entries
+        return [len(r) for r in a[1]] == [len(r) for r in b[1]] and _all3(
+            _cmp(x, y, ok) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
     if "mat" in (ka, kb):  # a column or row vector against a tuple
         a = ("seq", "()", _flat(a[1])) if ka == "mat" else a
         b = ("seq", "()", _flat(b[1])) if kb == "mat" else b
@@ -410,6 +413,9 @@ def _match(A, B, ok):
     B = list({repr(x): x for x in B}.values())
     if len(A) != len(B) or len(A) > 64:
         return False
+    if (la := _labels(A)) and la == _labels(B):  # x = 1, y = 2 against y = 2, x = 1: values pair by label
+        by_label = [sorted(X, key=lambda n: _split_top(n[1], "=")[0]) for X in (A, B)]
+        return _all3(_cmp(x, y, ok) for x, y in zip(*by_label))
     used, out = [False] * len(B), True
     for x in A:
         maybe = False
@@ -426,6 +432,13 @@ def _match(A, B, ok):
                 return False
             out = None
     return out
+
+
+def _labels(nodes):
+    """The sorted labels of two or more distinctly labelled values (x = 1, y = 2), else None."""
+    sides = [_split_top(n[1], "=") for n in nodes if n[0] == "elem"]
+    labels = sorted(x[0] for x in sides if len(x) == 2 and x[1] and _is_label(x[0]))
+    return labels if len(nodes) == len(labels) == len(set(labels)) > 1 else None
 
 
 def _relation(s):
@@ -515,10 +528,6 @@ _POINTS = [{c: Fraction(random.Random(131 * k + ord(c)).randrange(100, 10**4)) f
 _TOKEN = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|\S")
 _DECIMAL = decimal.Context(prec=80)
 _PI = _DECIMAL.create_decimal("3.14159265358979323846264338327950288419716939937510582097494459230781640628620899862803")
-
-
-def _frac(x):
-    return x if isinstance(x, Fraction) else Fraction(x)
 
 
 def _dec(x):
@@ -618,7 +627,7 @@ def _eval_at(s, point):
 
 # An evaluated answer: values at the points (one when constant); inexact: written with a decimal point or in
 # scientific notation; ulp: the unit of its last stated digit when it is one plain decimal (2718.54 -> 0.01,
-# 8.7 \times 10^8 -> 10^7); sig: its significant digits; pct: it ends in %.
+# 8.7 \times 10^8 -> 10^7; never finer than its DOUBLE_DIGITS-th digit); sig: its significant digits; pct: ends in %.
 Num = collections.namedtuple("Num", "vals inexact ulp sig pct")
 _PLAIN = re.compile(r"[+-]?(\d*)\.?(\d*)(?:(?:\\times|\\cdot|\*)10\^\{?([+-]?\d+)\}?|[eE]([+-]?\d+))?")
 
@@ -630,12 +639,11 @@ def _number(s):
     s = s[:-1] if pct else s
     inexact = "." in s or re.search(r"(\\times|\\cdot|\*)10\^|\d[eE][+-]?\d", s) is not None
     ulp, sig = None, 0
-    m = _PLAIN.fullmatch(s)
-    if m and inexact and (m.group(1) or m.group(2)):
+    if (m := _PLAIN.fullmatch(s)) and inexact and (m.group(1) or m.group(2)):
         sig, exp = len((m.group(1) + m.group(2)).lstrip("0")), int(m.group(3) or m.group(4) or 0) - len(m.group(2))
         if abs(exp) > MAX_DIGITS:
             return None  # 1e999999: refused before any arithmetic
-        ulp = Fraction(10) ** exp
+        ulp = Fraction(10) ** (exp + max(0, sig - DOUBLE_DIGITS))
     if m := re.fullmatch(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # mixed number 1\frac{4}{5}
         if not 0 < int(m.group(3)) < int(m.group(4)):
             return None
@@ -671,7 +679,7 @@ def _num_equal(p, g):
         for gv, gulp in _readings(g):
             pairs = zip(pv * (n // len(pv)), gv * (n // len(gv)))
             if g.inexact:
-                r = _all3(_value_equal(a, b, min(GOLD_TOL * abs(_frac(b)), gulp / 2 if gulp else math.inf))
+                r = _all3(_value_equal(a, b, min(GOLD_TOL * abs(Fraction(b)), gulp / 2 if gulp else math.inf))
                           for a, b in pairs)
             elif pulp is not None and p.sig >= LONG_DECIMAL:
                 r = _all3(_value_equal(a, b, pulp) for a, b in pairs)

@@ -14,31 +14,37 @@ Rules (where a choice was debatable it follows what the evaluation sets' own gol
   Text        $, \\left, spacing, \\displaystyle, \\dfrac/\\tfrac/\\cfrac, \\text{} wrappers are noise.
               Units and words after a value are dropped (42\\text{ cm}, 7 days, 10 square units; one-letter
               units only after a space: 5h may be 5 times h); percent/pct read as %; "and"/"or" join list items;
-              a label before = is dropped (x = 5, f(x) = ..., \\frac{AB}{CD} = \\frac23, m\\angle A = 30, P(A) =),
-              but not an expression (x + y = 5 is not 5); a = b = c keeps the last part; an \\approx tail after
-              a value is dropped, n \\approx 40 is 40. "(D) Alina" is the choice D; words compare case-blind
-              (Yes = yes). Degrees are dropped from an angle (90^\\circ is 90) and are pi/180 inside a trig
-              function (\\cos(90^\\circ - x) is \\sin x).
+              a label before = is dropped (x = 5, f(x) = ..., \\frac{AB}{CD} = \\frac23, m\\angle A = 30, [ABC] =),
+              but not an expression (x + y = 5 is not 5), and values labelled one each pair by label (x = 1, y = 2
+              is y = 2, x = 1, not x = 2, y = 1); a = b = c keeps the last part; an \\approx tail after
+              a value is dropped, n \\approx 40 is 40. "(D) Alina", \\textbf{(D) } 12 and "D. x = 42" are the choice D;
+              words compare case-blind (Yes = yes). Degrees are dropped from an angle (90^\\circ is 90) and are
+              pi/180 inside a trig function (\\cos(90^\\circ - x) is \\sin x).
   Numbers     exact: 2/4 = 1/2 (an unreduced fraction is the same number), 025 = 25, 142.0 = 142, 2 3/4 and
-              2\\frac34 are mixed numbers, 3^2 5^3 7 is a product. A whole answer 58,500 (commas, no spaces,
+              2\\frac34 are mixed numbers, 3^2 5^3 7 and 2^2 3 5 17 are products (a space multiplies only
+              next to a power: 1 000 is 1000). A whole answer 58,500 (commas, no spaces,
               3-digit groups; also x = 58,500) is a thousands-separated number -- a gold only that, an answer
               also the list 58, 500; 12, 500 with a space, and commas inside brackets ((2,251,252)), are lists,
-              as the eval golds need (2400, 1350, 864; 27,54,108). x% also reads x/100.
+              as the eval golds need (2400, 1350, 864; 27,54,108). x% also reads x/100. A repeating decimal is
+              its fraction (0.1\\overline{6} is 1/6).
               A decimal gold (a measurement, or money) accepts answers within 1e-4 relative AND within half a
               unit of its last stated digit (2718.54 rejects 2718.45 and accepts 2718.541; Minerva's 9.6 keeps
               its 1e-4 tolerance); other golds are exact, except that a decimal answer of 10+ significant
-              digits stands for the value it rounds (0.142857142857143 is 1/7, 0.1428571 is not). Values that
+              digits stands for the value it rounds (0.142857142857143 is 1/7, 0.1428571 is not; digits past
+              the 15th are a double's noise: 7.0710678118654755 is 5\\sqrt2). Values that
               are undefined or complex-infinite (1/0, a clock time 5:00 read as 5/0) equal nothing; clock
               times compare as times (08:34 p.m. is 20:34).
   Structure   a bare comma list is a set (MATH's "all solutions, separated by commas"; duplicates count
-              once) -- an ordered answer like "a, h, k" loses only if permuted; {..} and \\{..\\} are sets;
+              once) -- an ordered answer like "a, h, k" loses only if permuted; \\{..\\} is a set, and bare
+              braces do not print ({1, 3} is the list 1, 3); \\emptyset = \\varnothing = \\{\\};
               ( ) and [ ] tuples and intervals are ordered and their brackets matter; a tuple gold may be
               written as a bare list; \\pm gives both signs (and all sign choices inside a tuple); ; separates
               whole solutions; \\cup is a union; matrices compare entrywise, a vector also as a tuple.
   Relations   an inequality in one variable is its interval (x > 2 is (2, \\infty)); two relations are the
               same when LHS - RHS of one is a nonzero constant k times the other's, with the same operator
               (k > 0) or the flipped one (k < 0, inequalities only): 2 - x \\geq 0 is x \\leq 2, 3x-6y+9=0 is
-              y = x/2 + 3/2, and \\tan x = b is not \\cot x = b. != is \\neq.
+              y = x/2 + 3/2, and \\tan x = b is not \\cot x = b. != is \\neq; x \\neq 1 is the union
+              (-\\infty,1) \\cup (1,\\infty).
   Symbolic    letters are variables, equal when equal at random points (e and i are constants); identities
               (\\csc^2 t = 1 + \\cot^2 t) are decided by sympy, numerically, with simplify() last; sympy must
               parse the whole answer (its lenient mode drops what it cannot read); sums and integrals compare
