@@ -373,7 +373,7 @@ def make_prompts(tokenizer, datasets, cfg, verbose=True):
             if len(ids) > cfg.max_prompt_tokens:
                 too_long[name].append(row["id"])
                 if verbose:
-                        print(f"warning: {name} row {row['id']}: prompt has {len(ids)} tokens > max_prompt_tokens "
+                    print(f"warning: {name} row {row['id']}: prompt has {len(ids)} tokens > max_prompt_tokens "
                           f"{cfg.max_prompt_tokens}; left out", file=sys.stderr)
             else:
                 prompts[name].append((row, ids))
@@ -413,9 +413,9 @@ def extract(response, require_think):
 def as_engine(engine_or_model, tokenizer, cfg, engine_kwargs=None):
     if not isinstance(engine_or_model, torch.nn.Module):
         return engine_or_model
-    import sample
-    kw = dict(max_model_len=cfg.max_prompt_tokens + cfg.max_tokens, vocab_limit=tokenizer.vocab_size,
-              eos_token_ids=list(tokenizer.eos_token_ids))
+    import sample  # never past the positions the model was trained for (as sample.py): answers stop there
+    limit = min(cfg.max_prompt_tokens + cfg.max_tokens, engine_or_model.config.max_position_embeddings)
+    kw = dict(max_model_len=limit, vocab_limit=tokenizer.vocab_size, eos_token_ids=list(tokenizer.eos_token_ids))
     return sample.Engine(engine_or_model, **{**kw, **(engine_kwargs or {})})
 
 
@@ -669,11 +669,11 @@ def model_name(ckpt):
 def fit_context(args, max_positions, rank):
     """Prompt + response must fit the model's max_position_embeddings (later positions were never
     trained): the prompt budget shrinks to leave room for --max-tokens, so longer prompts are left out
-    with the usual per-prompt warning; a --max-tokens that alone overruns the context is reported."""
+    with the usual per-prompt warning; a --max-tokens that alone overruns it is reported (answers stop there)."""
     say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     where = f"max_position_embeddings {max_positions} in {os.path.join(args.ckpt, 'config.json')}"
     if args.max_tokens >= max_positions:
-        say(f"warning: --max-tokens {args.max_tokens} alone runs past the model's {where}")
+        say(f"warning: --max-tokens {args.max_tokens} alone runs past the model's {where}; answers stop there")
         return min(args.max_prompt_tokens, max_positions - 1)
     if args.max_prompt_tokens + args.max_tokens > max_positions:
         say(f"note: --max-prompt-tokens {args.max_prompt_tokens} lowered to {max_positions - args.max_tokens}, "

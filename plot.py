@@ -37,10 +37,26 @@ def smooth(values, span=None):
     return out
 
 
+def read_rows(path):
+    """metrics.jsonl's rows. A line that is not a row is skipped: a kill can cut the last one short (a
+    --resume rewrites the log), and plotting a killed run is when a plot is most wanted."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
 def plot(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    if not os.path.isfile(path):
+        raise SystemExit(f"plot: {path} not found (--plot=OUT_DIR takes a run's out_dir)")
+    rows = read_rows(path)
     try:
         import matplotlib
         matplotlib.use("Agg")

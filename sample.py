@@ -81,7 +81,8 @@ def main():
     ap.add_argument("--instruction", default=None, help="text appended to each prompt (default: the checkpoint's own, "
                     "DeepScaleR's 'Let's think step by step...' unless its tokenizer_config.json says otherwise)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default: bfloat16 on a GPU, float32 on CPU (as eval.py)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

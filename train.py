@@ -79,7 +79,7 @@ class TrainConfig:
     max_prompt_tokens: int = 1024    # longer prompts are dropped (and counted) [x >= 1]
     instruction: str = TK.MATH_INSTRUCTION  # appended to every problem in the prompt ("" = none)
     # rollout
-    stages: list[Stage] = field(default_factory=lambda: [Stage(1040, 8192, 8)])  # run in order [len(x) >= 1]
+    stages: list[Stage] = field(default_factory=lambda: [Stage(1040, 8192, 8)])  # run in order; written --stages="[(steps, max_response_tokens, group_size), ...]" [len(x) >= 1]
     temperature: float = 0.6         # rollout sampling temperature; the update's log-probs use it too [x > 0]
     top_p: float = 1.0               # nucleus sampling mass (1 = off) [0 < x <= 1]
     top_k: int = -1                  # sample among the k likeliest tokens (-1 = off) [x == -1 or x >= 1]

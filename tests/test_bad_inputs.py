@@ -151,3 +151,15 @@ def test_sample_stops_at_max_position_embeddings(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_sample(monkeypatch, "--ckpt", str(tmp_path), "--prompt", "1" * 40, "--no-template", "--device", "cpu")
     assert e.value.code == 2 and "max_position_embeddings is 40" in capsys.readouterr().err
+
+
+def test_eval_stops_at_max_position_embeddings_too(tmp_path):
+    """eval.py's engine ran to prompt + --max-tokens (32,768 by default) on a model with fewer positions,
+    e.g. the demo's 256: answers past the trained positions, and a very long CPU run. Now cut there."""
+    tiny_checkpoint(str(tmp_path), seed=3, max_position_embeddings=120)
+    tok, model = TK.Tokenizer.from_pretrained(str(tmp_path)), M.from_pretrained(str(tmp_path), dtype=torch.float32)
+    datasets = {"val": [{"id": 0, "problem": "1+1", "golds": ["2"], "answer": "2"}]}
+    res = E.evaluate(model, tok, datasets, n=4, temperature=1.0, max_tokens=100, max_prompt_tokens=100, progress=False,
+                     engine_kwargs={"memory_budget": 2**20})["datasets"]["val"]
+    room = 120 - len(tok.encode(tok.chat_prompt("1+1")))  # the prompt is ~76 tokens (DeepScaleR's instruction)
+    assert res["length"]["max"] == room and res["truncated"] > 0  # was up to 100 tokens

@@ -83,3 +83,13 @@ def test_plot_leaves_out_all_zero_panels_and_smooths():
     assert plot.smooth([3.0] * 9, span=4) == pytest.approx([3.0] * 9)  # a constant stays itself
     assert max(smoothed[10:]) - min(smoothed[10:]) < 0.3 < max(raw) - min(raw)  # the 0/1 zig-zag flattens
     assert plot.smooth(raw, span=1) == raw
+
+
+def test_plot_reads_a_killed_runs_log_and_names_a_missing_one(tmp_path):
+    """A kill can cut metrics.jsonl's last line short; the plot of that run skips it instead of a
+    JSONDecodeError traceback. A folder without metrics.jsonl is named, not a FileNotFoundError."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.1}\n{"step": 1, "reward_mean": 0.2}\n'
+                                            '[1, 2]\n{"step": 2, "rew')
+    assert [r["step"] for r in plot.read_rows(str(tmp_path / "metrics.jsonl"))] == [0, 1]
+    with pytest.raises(SystemExit, match="nowhere/metrics.jsonl not found"):
+        plot.plot(str(tmp_path / "nowhere"))

@@ -165,7 +165,6 @@ def test_tokenizer_and_both_templates(tmp_path):
     assert old.eos_token_ids == [1] and old.pad_token_id == 1
 
 
-
 def test_unknown_characters_warn_once_naming_the_file(tmp_path):
     """Text a tokenizer cannot spell is reported, never silent: the fixture's WordLevel maps it to its
     unknown token ' ', the demo's byte-level BPE (no merges, 21 tokens) drops it. Known text is silent."""
