@@ -79,10 +79,10 @@ class DataError(ValueError):
     pass
 
 
-def gold_strings(answer):
-    """Every upstream gold format as a list of strings, any of which counts as correct:
-    "025" (AIME: leading zeros kept, and "25" added), 142.0 (AMC floats), ["0.01\\n", "0.02\\n"]
-    (Minerva: any of several), ["$2^{1009}$"] (OlympiadBench: math-mode dollars). None if unusable."""
+def dataset_golds(answer):
+    """A set's gold, once at load, as strings any of which is correct (None if unusable): "025" (AIME: "25"
+    added), 142.0 (AMC floats), ["0.01\\n", "0.02\\n"] (Minerva: any of several), ["$2^{1009}$"]
+    (OlympiadBench: dollars dropped). reward.gold_strings unpacks what is left (boxes) when grading."""
     if isinstance(answer, bool) or answer is None:
         return None
     if isinstance(answer, (int, float)):
@@ -90,7 +90,7 @@ def gold_strings(answer):
             return None
         return [str(int(answer)) if float(answer).is_integer() else repr(float(answer))]
     if isinstance(answer, list):
-        golds = [g for a in answer for g in (gold_strings(a) or [])]
+        golds = [g for a in answer for g in (dataset_golds(a) or [])]
         return list(dict.fromkeys(golds)) or None
     if not isinstance(answer, str):
         return None
@@ -134,13 +134,13 @@ def load_dataset(path):
             why = f"is a {type(r).__name__}, not an object"
         elif not isinstance(r.get("problem"), str) or not r["problem"].strip():
             why = "has no 'problem' text"
-        elif gold_strings(r.get("answer")) is None:
+        elif dataset_golds(r.get("answer")) is None:
             why = f"has no usable 'answer' ({r.get('answer')!r})"
         if why:
             skipped.append(f"{path}: row {i} {why}; skipped")
             continue
         # the row index is the id: unique and stable, unlike the upstream id fields (idx, unique_id, id)
-        rows.append({"id": i, "problem": r["problem"], "golds": gold_strings(r["answer"]), "answer": r["answer"]})
+        rows.append({"id": i, "problem": r["problem"], "golds": dataset_golds(r["answer"]), "answer": r["answer"]})
     return rows, skipped
 
 

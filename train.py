@@ -196,7 +196,7 @@ def json_or_none(line):
 def usable_answer(row):
     """eval.py's reading of the answer (so training and validation agree on a gold), else the solution's
     boxed answer."""
-    golds = E.gold_strings(row.get("answer"))
+    golds = E.dataset_golds(row.get("answer"))
     if golds:
         return golds[0]
     if isinstance(row.get("solution"), str):

@@ -75,18 +75,18 @@ def test_summarize_lengths_and_truncation():
 
 
 def test_gold_formats():
-    assert E.gold_strings("025") == ["025", "25"]        # AIME: leading zeros
-    assert E.gold_strings("204") == ["204"]
-    assert E.gold_strings(142.0) == ["142"]              # AMC floats
-    assert E.gold_strings(2.5) == ["2.5"]
-    assert E.gold_strings(7) == ["7"]
-    assert E.gold_strings(["9.8\n", "9.81\n"]) == ["9.8", "9.81"]  # Minerva: any of a list
-    assert E.gold_strings(["$2^{1009}$"]) == ["2^{1009}"]          # OlympiadBench: $...$
-    assert E.gold_strings(["$69$,$84$"]) == ["69,84"]
-    assert E.gold_strings("\\$5") == ["\\$5"]            # an escaped dollar is content
-    assert E.gold_strings("\\frac{14}{3}") == ["\\frac{14}{3}"]
+    assert E.dataset_golds("025") == ["025", "25"]        # AIME: leading zeros
+    assert E.dataset_golds("204") == ["204"]
+    assert E.dataset_golds(142.0) == ["142"]              # AMC floats
+    assert E.dataset_golds(2.5) == ["2.5"]
+    assert E.dataset_golds(7) == ["7"]
+    assert E.dataset_golds(["9.8\n", "9.81\n"]) == ["9.8", "9.81"]  # Minerva: any of a list
+    assert E.dataset_golds(["$2^{1009}$"]) == ["2^{1009}"]          # OlympiadBench: $...$
+    assert E.dataset_golds(["$69$,$84$"]) == ["69,84"]
+    assert E.dataset_golds("\\$5") == ["\\$5"]            # an escaped dollar is content
+    assert E.dataset_golds("\\frac{14}{3}") == ["\\frac{14}{3}"]
     for bad in (None, "", "  ", [], ["$ $"], True, {"a": 1}, float("nan")):
-        assert E.gold_strings(bad) is None, bad
+        assert E.dataset_golds(bad) is None, bad
 
 
 def test_load_dataset_skips_malformed_rows_by_name(tmp_path, capsys):
