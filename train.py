@@ -2,7 +2,7 @@
 GRPO the DeepScaleR way, in one file that reads top to bottom.
 
 usage: python train.py [CONFIG.py ...] [--key=value ...]     (torchrun --nproc_per_node=N train.py ...: N GPUs)
-       python train.py --plot=OUT_DIR                         (OUT_DIR/metrics.png; needs matplotlib)
+       python train.py --plot=OUT_DIR (or --plot OUT_DIR)     (OUT_DIR/metrics.png; needs matplotlib)
        python train.py -h | --help                            (this, then every field)
 
     python train.py config/demo.py                        # the CPU demo (minutes, 2 cores)
@@ -692,7 +692,7 @@ def train(cfg):
 def main(argv):
     if "-h" in argv or "--help" in argv:  # the docstring up to "Each step:", then every field
         return print(help_text(TrainConfig, __doc__.split("Each step:")[0].strip()), end="")
-    plot_dirs = [a.partition("=")[2] for a in argv if a.startswith("--plot=")]
+    plot_dirs = [a[7:] or (argv[i + 1:] or ["."])[0] for i, a in enumerate(argv) if a.split("=")[0] == "--plot"]
     if not plot_dirs:
         return train(load_config(argv))
     from plot import plot

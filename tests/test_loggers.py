@@ -93,3 +93,12 @@ def test_plot_reads_a_killed_runs_log_and_names_a_missing_one(tmp_path):
     assert [r["step"] for r in plot.read_rows(str(tmp_path / "metrics.jsonl"))] == [0, 1]
     with pytest.raises(SystemExit, match="nowhere/metrics.jsonl not found"):
         plot.plot(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("argv", [["--plot=DIR"], ["--plot", "DIR"]])
+def test_train_plot_flag_takes_the_folder_either_way(tmp_path, monkeypatch, argv):
+    """`python train.py --plot out/demo` (a space, as most CLIs allow) plots that folder like --plot=out/demo."""
+    seen = []
+    monkeypatch.setattr(plot, "plot", seen.append)
+    T.main([a.replace("DIR", str(tmp_path)) for a in argv])
+    assert seen == [str(tmp_path)]
