@@ -62,3 +62,15 @@ def tiny_checkpoint(path, seed=0, new_template=False, **overrides):
     write_tokenizer(path, cfg.vocab_size, new_template)
     M.save_pretrained(random_model(cfg, seed), path, source_path=path)
     return path
+
+
+def break_kernel_self_check(monkeypatch):
+    """As on a GPU whose Triton kernels fail their self-check, simulated on the CPU: the engine believes
+    kernels are wanted and the self-check raises a compiler error."""
+    import kernels
+    import model_runner
+
+    def broken(*a, **kw):
+        raise RuntimeError("ptxas: no such target")
+    monkeypatch.setattr(model_runner, "kernels_wanted", lambda device: True)
+    monkeypatch.setattr(kernels, "self_check", broken)

@@ -11,7 +11,7 @@ import torch
 
 import model as M
 from engine import Engine, SamplingParams, StepOutput
-from fixtures import random_model, tiny_config
+from fixtures import break_kernel_self_check, random_model, tiny_config
 from test_sample import full_logits, one_thread, prompts_of  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -365,13 +365,7 @@ def test_add_request_errors_name_the_field(tiny):
 def test_kernel_fallback_is_an_error_unless_allowed(tiny, monkeypatch):
     """As on a GPU whose kernels fail their self-check (simulated on the CPU): Engine refuses to start,
     or with allow_kernel_fallback=True runs the twins and says why in engine.kernel_fallback."""
-    import kernels
-    import model_runner
-
-    def broken(*a, **kw):
-        raise RuntimeError("ptxas: no such target")
-    monkeypatch.setattr(model_runner, "kernels_wanted", lambda device: True)
-    monkeypatch.setattr(kernels, "self_check", broken)
+    break_kernel_self_check(monkeypatch)
     previous = dict(M.ATTENTION)
     with pytest.raises(RuntimeError, match="self-check failed.*allow_kernel_fallback"):
         Engine(tiny, num_blocks=16)

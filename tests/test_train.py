@@ -12,6 +12,7 @@ import grpo
 import model as M
 import tokenizer as TK
 import train as T
+from fixtures import break_kernel_self_check
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +282,7 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, inputs, monkeypatch)
 def test_kernel_fallback_stops_training_unless_allowed_and_is_in_the_metrics(tmp_path, inputs, monkeypatch):
     """As on a GPU whose Triton kernels fail their self-check (simulated on the CPU): training refuses to
     start; with engine_kernel_fallback=True it runs the PyTorch twins and every metrics row says so."""
-    import kernels
-    import model_runner
-
-    def broken(*a, **kw):
-        raise RuntimeError("ptxas: no such target")
-    monkeypatch.setattr(model_runner, "kernels_wanted", lambda device: True)
-    monkeypatch.setattr(kernels, "self_check", broken)
+    break_kernel_self_check(monkeypatch)
     previous = dict(M.ATTENTION)
     with pytest.raises(RuntimeError, match="self-check failed.*allow_kernel_fallback"):
         T.train(tiny(inputs, tmp_path / "strict", steps=1, ckpt_interval=100, export_hf=False))
