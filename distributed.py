@@ -1,7 +1,8 @@
 """
-Data parallelism for train.py and eval.py under torchrun: process group, FSDP2 sharding, weight sync into
-each rank's engine, and balancing packed sequences across ranks. One process (no WORLD_SIZE) is world 1,
-and every function here is then a cheap no-op, so the single-GPU/CPU path runs the same code.
+Data parallelism for train.py and eval.py under torchrun: process group, a step's metrics reduced in one
+sync, FSDP2 sharding, weight sync into each rank's engine, and balancing packed sequences across ranks.
+One process (no WORLD_SIZE) is world 1, and every function here is then a cheap no-op, so the
+single-GPU/CPU path runs the same code.
 """
 import datetime
 import os
@@ -91,12 +92,59 @@ def all_gather_objects(obj, d: Dist) -> list:
     return out
 
 
+def all_max(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    return all_reduce(x, d, op=dist.ReduceOp.MAX)
+
+
 def broadcast_object(obj, d: Dist, src=0):
     if not d.enabled:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# -----------------------------------------------------------------------------
+# A step's metrics: summed on the device, reduced across ranks once
+
+
+class Accumulator:
+    """Token-weighted means of per-micro-batch metrics, and maxima/minima, kept on the device until the
+    step's one sync."""
+
+    def __init__(self, device):
+        self.sums, self.weights, self.device = {}, {}, device
+        self.maxes = {"logp_diff_max": torch.zeros((), device=device)}  # minima are kept as maxima of -x
+
+    def add(self, name, value, weight):
+        self.sums[name] = self.sums.get(name, 0) + value.float() * weight
+        self.weights[name] = self.weights.get(name, 0) + weight
+
+    def extreme(self, name, value, valid=True):
+        """Keep the max (or, for a name ending in _min, the min) of value over the step; valid False ignores it."""
+        v = value.float() if name.endswith("_max") else -value.float()
+        v = torch.where(torch.as_tensor(valid, device=v.device), v, -torch.inf)
+        self.maxes[name] = torch.maximum(self.maxes[name], v) if name in self.maxes else v
+
+    def disagreement(self, trainer_logp, m):
+        d = (trainer_logp.float() - m.engine_logp).abs() * m.mask
+        self.add("logp_diff_mean", d.sum() / m.mask.sum().clamp(min=1), m.mask.sum())
+        self.extreme("logp_diff_max", d.max())
+
+    def result(self, ctx):
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        packed = torch.stack([torch.as_tensor(self.sums[n], device=self.device).float() for n in names] +
+                             [torch.as_tensor(self.weights[n], device=self.device).float() for n in names])
+        packed = all_reduce(packed, ctx).tolist()
+        out = {n: packed[i] / max(packed[i + len(names)], 1e-12) for i, n in enumerate(names)}
+        ext = sorted(self.maxes)
+        top = all_max(torch.stack([self.maxes[n].reshape(()) for n in ext]), ctx).tolist()
+        out.update({n: v if n.endswith("_max") else -v for n, v in zip(ext, top)})
+        if "is_weight_sq_mean" in out:  # effective sample size of the importance weights, as a fraction of n
+            out["is_ess"] = out.pop("is_weight_mean") ** 2 / max(out.pop("is_weight_sq_mean"), 1e-12)
+        return out
 
 
 # -----------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed import ReduceOp
 
 import checkpoint as C
 import distributed as D
@@ -247,9 +246,6 @@ class PromptStream:
 # -----------------------------------------------------------------------------
 # Rollout: generate, grade, keep (dynamic sampling), advantages
 
-def all_max(d, t):
-    return D.all_reduce(t, d, op=ReduceOp.MAX)
-
 @dataclass
 class Sample:
     prompt: list
@@ -300,7 +296,7 @@ def collect(engine, grader, tok, data, cfg, stage, step, ctx, pool):
                 dropped += 1
         rnd += 1
         # every rank takes the same prompts per round, so all ranks must agree on when to stop
-        short = all_max(ctx, torch.tensor(float(len(kept) < share * g), device=ctx.device))
+        short = D.all_max(torch.tensor(float(len(kept) < share * g), device=ctx.device), ctx)
         if short.item() == 0 or rnd >= cfg.max_sampling_rounds:
             break
     kept = kept[:share * g]
@@ -414,7 +410,7 @@ def train_mini_batch(model, opt, micros, cfg, stage, ctx, acc):
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over ranks
         grad_norm = grad_norm.full_tensor()
     bad = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
-    ok = not D.all_reduce(bad, ctx, op=ReduceOp.MAX).item()  # every rank steps, or none does
+    ok = not D.all_max(bad, ctx).item()  # every rank steps, or none does
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -428,44 +424,6 @@ def sync_grads(model, ctx):
         if p.grad is not None:
             D.all_reduce(p.grad, ctx)
             p.grad.div_(ctx.world_size)
-
-class Accumulator:
-    """Token-weighted means of per-micro-batch metrics, and maxima/minima, kept on the device until the
-    step's one sync."""
-
-    def __init__(self, device):
-        self.sums, self.weights, self.device = {}, {}, device
-        self.maxes = {"logp_diff_max": torch.zeros((), device=device)}  # minima are kept as maxima of -x
-
-    def add(self, name, value, weight):
-        self.sums[name] = self.sums.get(name, 0) + value.float() * weight
-        self.weights[name] = self.weights.get(name, 0) + weight
-
-    def extreme(self, name, value, valid=True):
-        """Keep the max (or, for a name ending in _min, the min) of value over the step; valid False ignores it."""
-        v = value.float() if name.endswith("_max") else -value.float()
-        v = torch.where(torch.as_tensor(valid, device=v.device), v, -torch.inf)
-        self.maxes[name] = torch.maximum(self.maxes[name], v) if name in self.maxes else v
-
-    def disagreement(self, trainer_logp, m):
-        d = (trainer_logp.float() - m.engine_logp).abs() * m.mask
-        self.add("logp_diff_mean", d.sum() / m.mask.sum().clamp(min=1), m.mask.sum())
-        self.extreme("logp_diff_max", d.max())
-
-    def result(self, ctx):
-        names = sorted(self.sums)
-        if not names:
-            return {}
-        packed = torch.stack([torch.as_tensor(self.sums[n], device=self.device).float() for n in names] +
-                             [torch.as_tensor(self.weights[n], device=self.device).float() for n in names])
-        packed = D.all_reduce(packed, ctx).tolist()
-        out = {n: packed[i] / max(packed[i + len(names)], 1e-12) for i, n in enumerate(names)}
-        ext = sorted(self.maxes)
-        top = all_max(ctx, torch.stack([self.maxes[n].reshape(()) for n in ext])).tolist()
-        out.update({n: v if n.endswith("_max") else -v for n, v in zip(ext, top)})
-        if "is_weight_sq_mean" in out:  # effective sample size of the importance weights, as a fraction of n
-            out["is_ess"] = out.pop("is_weight_mean") ** 2 / max(out.pop("is_weight_sq_mean"), 1e-12)
-        return out
 
 # -----------------------------------------------------------------------------
 # The loop, its log (metrics.jsonl; the plot is plot.py) and its console line
@@ -527,7 +485,7 @@ def rollout_stats(samples, rewards, group_size, ctx):
                       sum(s.finish == "length" for s in samples), sum(min(g) >= 1.0 for g in groups),
                       sum(max(g) <= 0.0 for g in groups), n_groups], dtype=torch.float64, device=ctx.device)
     t = D.all_reduce(t, ctx).tolist()
-    mx = int(all_max(ctx, torch.tensor(max(lens, default=0), device=ctx.device)).item())
+    mx = int(D.all_max(torch.tensor(max(lens, default=0), device=ctx.device), ctx).item())
     n, g = max(t[2], 1), max(t[7], 1)
     return {"reward_mean": t[0] / n, "accuracy": t[1] / n, "samples": int(t[2]), "response_len_mean": t[3] / n,
             "response_len_max": mx, "gen_tokens": int(t[3]), "truncated_frac": t[4] / n,
@@ -595,7 +553,7 @@ def run(cfg, ctx, grader):
         everyone = gather_samples(samples, ctx)
         plans = [micro_batches(mb, cfg, ctx) for mb in split_mini_batches(everyone, cfg, stage)]
         micros = [m for p in plans for m in p]
-        acc = Accumulator(ctx.device)
+        acc = D.Accumulator(ctx.device)
         if ref is not None:
             for m in micros:
                 m.ref_logp = logprobs(ref, m, cfg, ctx)

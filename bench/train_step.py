@@ -277,7 +277,7 @@ def main():
 
     phase("reference log-probs", ref_pass)
     phase("old log-probs (mini-batch 2)", old_pass)
-    acc = T.Accumulator(device)
+    acc = T.D.Accumulator(device)
     phase("update (2 optimizer steps)", lambda: [T.train_mini_batch(policy, opt, p, cfg, stage, ctx, acc) for p in plans])
     if device.type == "cuda":
         plan.observe(device)

@@ -195,7 +195,7 @@ def test_trainer_update_reproduces_verl_gradient(case, token_budget):
         for m in micros:
             T.fill_advantages(m)
             m.old_logp, m.ref_logp = per_token(m, "old_logp"), per_token(m, "ref_logp")
-        ok, _ = T.train_mini_batch(model, opt, micros, cfg, stage, ctx, T.Accumulator(ctx.device))
+        ok, _ = T.train_mini_batch(model, opt, micros, cfg, stage, ctx, D.Accumulator(ctx.device))
         assert ok and len(opt.grads) == k + 1
         for i, s in enumerate(case["seqs"]):
             got = opt.grads[k][i]

@@ -150,7 +150,7 @@ def test_clip_higher_lets_ratios_rise_further(inputs):
         m = T.pack([s], 64, False, "cpu")[0]
         T.fill_advantages(m)
         m.old_logp = T.logprobs(model, m, cfg, T.D.Dist()) - 0.223  # ratio e^0.223 = 1.25
-        acc = T.Accumulator("cpu")
+        acc = T.D.Accumulator("cpu")
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         T.train_mini_batch(model, opt, [m], cfg, T.Stage(1, 8, 1), T.D.Dist(), acc)
         fracs.append(acc.result(T.D.Dist())["clip_frac"])
@@ -174,7 +174,7 @@ def test_rollout_correction_metrics_and_objectives_in_the_update(inputs):
     idx = resp.nonzero().squeeze(1)
     shift[idx[0]], shift[idx[1]], shift[idx[2]] = 1.0, -0.5, -0.1   # rho = e^-1 (masked), e^0.5 (truncated), e^0.1
     m.engine_logp = torch.where(resp, trainer + shift, 0.0)
-    acc = T.Accumulator("cpu")
+    acc = T.D.Accumulator("cpu")
     ok, _ = T.train_mini_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), [m], cfg, T.Stage(1, 8, 2), ctx, acc)
     res = acc.result(ctx)
     n = int(resp.sum())
@@ -192,7 +192,7 @@ def test_rollout_correction_metrics_and_objectives_in_the_update(inputs):
         cfg2 = T.TrainConfig(kl_coef=0.0, entropy_coef=0.0, temperature=1.0, objective=objective)
         m.old_logp = None
         ok, grad_norm = T.train_mini_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), [m], cfg2,
-                                           T.Stage(1, 8, 2), ctx, T.Accumulator("cpu"))
+                                           T.Stage(1, 8, 2), ctx, T.D.Accumulator("cpu"))
         assert ok and grad_norm > 0
 
 
