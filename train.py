@@ -203,9 +203,11 @@ def usable_answer(row):
         return extract_answer(row["solution"], require_think=False)
     return None
 
-def encode_rows(rows, tok, cfg, source):
+def encode_rows(rows, tok, cfg, source, limit=None):
     """(prompt ids, gold) for usable rows; counts of what was dropped, so the user sees it. A row that is
-    not an object counts as one without a problem: a malformed row is never a crash."""
+    not an object counts as one without a problem: a malformed row is never a crash. Prompts longer than
+    limit (default max_prompt_tokens) count as too long."""
+    limit = limit or cfg.max_prompt_tokens
     items, counts = [], {"rows": len(rows), "no_problem": 0, "no_answer": 0, "too_long": 0}
     for r in rows:
         r = r if isinstance(r, dict) else {}
@@ -217,7 +219,7 @@ def encode_rows(rows, tok, cfg, source):
             counts["no_answer"] += 1
             continue
         ids = tok.encode(tok.chat_prompt(problem, instruction=cfg.instruction))
-        if len(ids) > cfg.max_prompt_tokens:
+        if len(ids) > limit:
             counts["too_long"] += 1
             continue
         items.append((ids, gold))
@@ -460,7 +462,10 @@ def build(cfg, ctx):
             D.shard_model(ref, ctx)
     edtype = low if cfg.engine_dtype == "auto" else M.DTYPES[cfg.engine_dtype]
     engine_model = M.from_pretrained(cfg.init_from, device=ctx.device, dtype=edtype).eval().requires_grad_(False)
-    max_len = cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages)
+    # a model with fewer positions than the schedule asks for (the demo's 256) answers up to its last one,
+    # as sample.py and eval.py do; prompts are then held to leave it at least one
+    max_len = min(cfg.max_prompt_tokens + max(s.max_response_tokens for s in cfg.stages),
+                  engine_model.config.max_position_embeddings)
     make_engine = functools.partial(Engine, engine_model, max_model_len=max_len, max_num_seqs=cfg.engine_max_num_seqs,
                                     vocab_limit=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
                                     allow_kernel_fallback=cfg.engine_kernel_fallback)
@@ -498,7 +503,8 @@ def validate(cfg, ctx, engine, tok, grader, stage, step):
     vtok.chat_prompt = functools.partial(tok.chat_prompt, instruction=cfg.instruction)
     res = E.evaluate(engine, vtok, datasets, n=cfg.val_n, temperature=cfg.temperature, top_p=cfg.top_p,
                      top_k=cfg.top_k, max_tokens=cfg.val_max_tokens or stage.max_response_tokens, seed=cfg.seed + step,
-                     require_think=cfg.require_think, max_prompt_tokens=cfg.max_prompt_tokens, grader=grader,
+                     require_think=cfg.require_think, grader=grader,
+                     max_prompt_tokens=min(cfg.max_prompt_tokens, engine.max_model_len - 1),
                      rank=ctx.rank, world_size=ctx.world_size, progress=False)
     out = {f"val_{name}": r["pass@1"] for name, r in res["datasets"].items()}
     scores = [v for v in out.values() if v is not None]
@@ -515,9 +521,10 @@ def run(cfg, ctx, grader):
                          "each rank rolls out whole groups of its own prompts")
     candidates = C.prepare_out_dir(cfg, ctx, say)  # before anything loads: never mixes or destroys runs
     tok, model, ref, engine, plan = build(cfg, ctx)
-    items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data)
+    prompt_limit = min(cfg.max_prompt_tokens, engine.max_model_len - 1)
+    items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data, prompt_limit)
     say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
-        f"{cfg.max_prompt_tokens} tokens, {counts['no_answer']} without a usable answer, "
+        f"{prompt_limit} tokens, {counts['no_answer']} without a usable answer, "
         f"{counts['no_problem']} without a problem) | model {model.num_params() / 1e6:.2f}M params | world {ctx.world_size}")
     opt = make_optimizer(model, cfg)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")

@@ -57,6 +57,20 @@ def test_data_loading_counts_drops_and_formats(tmp_path, inputs):
         T.encode_rows([{"problem": "x"}], tok, cfg, "bad.json")
 
 
+def test_a_model_with_few_positions_answers_within_them(tmp_path, inputs, capsys):
+    """The demo's model has 256 positions while max_prompt_tokens (1024) + responses ask for more: the
+    engine stops answers at the last position (as sample.py and eval.py do) and a prompt that leaves no
+    room is dropped as too long, instead of running past the positions the model was trained on."""
+    rows = [json.loads(line) for line in open(inputs.train_data)][:8] + [{"problem": "1" * 300, "answer": "1"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    cfg = tiny(inputs, tmp_path / "run", steps=1, train_data=str(tmp_path / "d.jsonl"), export_hf=False,
+               stages=[T.Stage(steps=1, max_response_tokens=512, group_size=4)])
+    assert cfg.max_prompt_tokens + 512 > 256 == M.Config.from_file(os.path.join(inputs.init_from, "config.json")).max_position_embeddings
+    rows = T.train(cfg)
+    assert len(rows) == 1 and rows[0]["response_len_max"] <= 256
+    assert "1 over 255 tokens" in capsys.readouterr().out
+
+
 def test_prompt_stream_is_seeded_and_resumable():
     items = list(range(10))
     a = T.PromptStream(items, seed=3)
