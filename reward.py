@@ -9,8 +9,9 @@ same (symbolic.py is its sympy layer). Dependencies run one way: reward -> grade
 
 Rules (where a choice was debatable it follows what the evaluation sets' own golds need):
   Extraction  the last \\boxed{}/\\fbox{} after the last </think> (R1 templates open <think> in the prompt,
-              so only </think> is required); boxes joined only by a connector ("\\boxed{-2} and \\boxed{1}")
-              are one answer -2, 1. Golds stored boxed are unboxed the same way; an empty gold is dropped.
+              so only </think> is required; think_split="first" is DeepScaleR's rule, see extract_answer);
+              boxes joined only by a connector ("\\boxed{-2} and \\boxed{1}") are one answer -2, 1. Golds
+              stored boxed are unboxed the same way; an empty gold is dropped.
   Text        $, \\left, spacing, \\displaystyle, \\dfrac/\\tfrac/\\cfrac, \\text{} wrappers are noise.
               Units and words after a value are dropped (42\\text{ cm}, 7 days, 10 square units; one-letter
               units only after a space: 5h may be 5 times h); percent/pct read as %; "and"/"or" join list items;
@@ -122,11 +123,17 @@ def boxed_answer(text):
     return ", ".join(parts)
 
 
-def extract_answer(text, require_think=True):
-    """The final boxed answer after the last </think> (see the module docstring); None when absent."""
+def extract_answer(text, require_think=True, think_split="last"):
+    """The final boxed answer after the last </think> (see the module docstring); None when absent.
+    think_split="first" is DeepScaleR's rule instead (its reward saw prompt + response): the text must hold
+    <think> and </think>, and the answer is sought between the first </think> and the next one."""
     if not isinstance(text, str):
         return None
-    if require_think:
+    if require_think and think_split == "first":
+        if "<think>" not in text or "</think>" not in text:
+            return None
+        text = text.split("</think>")[1]
+    elif require_think:
         cut = text.rfind("</think>")
         if cut < 0:
             return None
@@ -301,11 +308,11 @@ class Grader:
         self._reported = now
         return out
 
-    def grade(self, responses, golds, require_think=True):
-        """Rewards (0.0/1.0) for responses against golds, in order."""
+    def grade(self, responses, golds, require_think=True, think_split="last"):
+        """Rewards (0.0/1.0) for responses against golds, in order (think_split: see extract_answer)."""
         if len(responses) != len(golds):
             raise ValueError(f"Grader.grade: {len(responses)} responses but {len(golds)} golds")
-        return self.grade_answers([extract_answer(r, require_think) for r in responses], golds)
+        return self.grade_answers([extract_answer(r, require_think, think_split) for r in responses], golds)
 
     def grade_answers(self, answers, golds):
         """Rewards for already extracted answers (None: no answer) against golds, in order."""

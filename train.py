@@ -83,6 +83,7 @@ class TrainConfig:
     top_p: float = 1.0               # nucleus sampling mass (1 = off) [0 < x <= 1]
     top_k: int = -1                  # sample among the k likeliest tokens (-1 = off) [x == -1 or x >= 1]
     require_think: bool = True       # grade only what follows </think>
+    think_split: str = "last"        # answer after the last </think>; "first": DeepScaleR's rule (README "Differences") [x in ("last", "first")]
     # update
     mini_batches: int = 2            # optimizer steps per training step, each on a share of the step's groups [x >= 1]
     token_budget: int = 32768        # tokens per micro-batch (per GPU) [x >= 1]
@@ -270,7 +271,9 @@ def generate(engine, tok, batch, cfg, stage, seed, first_prompt_index):
 def grade(grader, tok, samples, cfg):
     eos = set(tok.eos_token_ids)
     texts = [tok.decode(s.response[:-1] if s.response and s.response[-1] in eos else s.response) for s in samples]
-    return grader.grade(texts, [s.gold for s in samples], require_think=cfg.require_think)
+    if cfg.think_split == "first":  # DeepScaleR graded prompt + response: a <think> in the prompt counts
+        texts = [tok.decode(s.prompt) + t for s, t in zip(samples, texts)]
+    return grader.grade(texts, [s.gold for s in samples], require_think=cfg.require_think, think_split=cfg.think_split)
 
 def rollout_seed(cfg, step, rnd):
     """The same on every rank: the engine keys each draw by the prompt's global index instead, so the

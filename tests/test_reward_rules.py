@@ -211,3 +211,16 @@ def test_sympy_runs_only_in_workers():
     import sys
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.stdout.split() == ["[1.0,", "1.0]", "1.0", "False"], res.stderr[-2000:]
+
+
+def test_think_split_first_is_deepscalers_rule():
+    """DeepScaleR's reward (given prompt + response) needed <think> and </think> and read the answer between
+    the first </think> and the next; ours reads after the last </think> and needs no <think>."""
+    twice = "<think>a</think> \\boxed{3} </think> \\boxed{4}"
+    assert R.extract_answer(twice) == "4"
+    assert R.extract_answer(twice, think_split="first") == "3"
+    unopened = "so it is 4</think> \\boxed{4}"
+    assert R.extract_answer(unopened) == "4"
+    assert R.extract_answer(unopened, think_split="first") is None
+    assert R.extract_answer("<think>x \\boxed{4}", think_split="first") is None  # never closed
+    assert R.extract_answer("\\boxed{4}", require_think=False, think_split="first") == "4"

@@ -10,6 +10,7 @@ import torch
 import demo
 import grpo
 import model as M
+import reward as R
 import tokenizer as TK
 import train as T
 from fixtures import break_kernel_self_check
@@ -69,6 +70,22 @@ def test_a_model_with_few_positions_answers_within_them(tmp_path, inputs, capsys
     rows = T.train(cfg)
     assert len(rows) == 1 and rows[0]["response_len_max"] <= 256
     assert "1 over 255 tokens" in capsys.readouterr().out
+
+
+def test_think_split_first_grades_prompt_and_response_as_deepscaler_did():
+    """With think_split="first" the <think> a newer template puts in the prompt counts (DeepScaleR decoded
+    prompt + response together), and the answer after the first </think> is graded."""
+    class CharTok:  # decode joins characters: no tokenizer needed to test the text grade() builds
+        eos_token_ids = ["$"]
+        decode = staticmethod("".join)
+    new, old = list("<User>1+2<Assistant><think>\n"), list("<User>1+2<Assistant>")
+    samples = [T.Sample(new, list("3</think>\\boxed{3}$"), [], "stop", "3"),
+               T.Sample(old, list("3</think>\\boxed{3}$"), [], "stop", "3"),
+               T.Sample(new, list("3</think>\\boxed{3}</think>\\boxed{5}$"), [], "stop", "3")]
+    with R.Grader(num_workers=1) as grader:
+        last = T.grade(grader, CharTok, samples, T.TrainConfig())
+        first = T.grade(grader, CharTok, samples, T.TrainConfig(think_split="first"))
+    assert last == [1.0, 1.0, 0.0] and first == [1.0, 0.0, 1.0]
 
 
 def test_prompt_stream_is_seeded_and_resumable():
