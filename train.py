@@ -204,6 +204,10 @@ def usable_answer(row):
         return extract_answer(row["solution"], require_think=False)
     return None
 
+def prompt_limit(cfg, engine):
+    """The longest prompt kept: max_prompt_tokens, less where the model's positions leave no room to answer."""
+    return min(cfg.max_prompt_tokens, engine.max_model_len - 1)
+
 def encode_rows(rows, tok, cfg, source, limit=None):
     """(prompt ids, gold) for usable rows; counts of what was dropped, so the user sees it. A row that is
     not an object counts as one without a problem: a malformed row is never a crash. Prompts longer than
@@ -507,7 +511,7 @@ def validate(cfg, ctx, engine, tok, grader, stage, step):
     res = E.evaluate(engine, vtok, datasets, n=cfg.val_n, temperature=cfg.temperature, top_p=cfg.top_p,
                      top_k=cfg.top_k, max_tokens=cfg.val_max_tokens or stage.max_response_tokens, seed=cfg.seed + step,
                      require_think=cfg.require_think, grader=grader,
-                     max_prompt_tokens=min(cfg.max_prompt_tokens, engine.max_model_len - 1),
+                     max_prompt_tokens=prompt_limit(cfg, engine),
                      rank=ctx.rank, world_size=ctx.world_size, progress=False)
     out = {f"val_{name}": r["pass@1"] for name, r in res["datasets"].items()}
     scores = [v for v in out.values() if v is not None]
@@ -524,10 +528,10 @@ def run(cfg, ctx, grader):
                          "each rank rolls out whole groups of its own prompts")
     candidates = C.prepare_out_dir(cfg, ctx, say)  # before anything loads: never mixes or destroys runs
     tok, model, ref, engine, plan = build(cfg, ctx)
-    prompt_limit = min(cfg.max_prompt_tokens, engine.max_model_len - 1)
-    items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data, prompt_limit)
+    limit = prompt_limit(cfg, engine)
+    items, counts = encode_rows(load_rows(cfg.train_data), tok, cfg, cfg.train_data, limit)
     say(f"data {cfg.train_data}: {len(items)} prompts (dropped: {counts['too_long']} over "
-        f"{prompt_limit} tokens, {counts['no_answer']} without a usable answer, "
+        f"{limit} tokens, {counts['no_answer']} without a usable answer, "
         f"{counts['no_problem']} without a problem) | model {model.num_params() / 1e6:.2f}M params | world {ctx.world_size}")
     opt = make_optimizer(model, cfg)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
