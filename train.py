@@ -664,7 +664,8 @@ def train(cfg):
 def main(argv):
     if "-h" in argv or "--help" in argv:  # the docstring up to "Each step:", then every field
         return print(help_text(TrainConfig, __doc__.split("Each step:")[0].strip()), end="")
-    plot_dirs = [a[7:] or (argv[i + 1:] or ["."])[0] for i, a in enumerate(argv) if a.split("=")[0] == "--plot"]
+    plot_dirs = [a.partition("=")[2] or (argv[i + 1:] or ["."])[0]  # --plot=DIR or --plot DIR
+                 for i, a in enumerate(argv) if a.partition("=")[0] == "--plot"]
     if not plot_dirs:
         return train(load_config(argv))
     from plot import plot
